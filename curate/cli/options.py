@@ -1,0 +1,96 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from curate.io.images import DEFAULT_MAX_PIXELS
+
+
+class PrecisionChoice(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+ShardSpecs = Annotated[
+    list[str],
+    typer.Argument(
+        help="Shards: a folder of *.tar, a glob, a brace pattern ('shards/{00000..00127}.tar', "
+        "quoted), a text file listing shard paths, or fsspec URLs (s3://, gs://, http://).",
+        show_default=False,
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="open_clip model name (ViT-B-32, ViT-L-14, ...), an hf-hub: name, or a JSON "
+        "model config file. Default: ViT-B-32, or the model recorded in the run folder.",
+        rich_help_panel="Model",
+    ),
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pretrained",
+        help="open_clip pretrained tag (openai, laion2b_s34b_b79k, ...) or a local checkpoint "
+        "(.safetensors/.pt, loaded without pickle execution); 'none' for random weights. "
+        "Default: openai, or what the run folder recorded.",
+        rich_help_panel="Model",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.", rich_help_panel="Model"),
+]
+PrecisionOpt = Annotated[
+    PrecisionChoice,
+    typer.Option(help="auto: bf16/fp16 on GPU, fp32 on CPU.", rich_help_panel="Model"),
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", min=1, help="Images per model call.", rich_help_panel="Speed")
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=0,
+        help="Decoding worker processes (0: decode in the main process). Default: CPU count, "
+        "at most 8.",
+        rich_help_panel="Speed",
+    ),
+]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-pixels",
+        min=1,
+        help="Images with more pixels fail as image_too_large (decompression-bomb guard).",
+        rich_help_panel="Input",
+    ),
+]
+NoProgressOpt = Annotated[
+    bool, typer.Option("--no-progress", help="Hide progress bars.", rich_help_panel="Output")
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the summary as JSON on stdout.", rich_help_panel="Output"),
+]
+RunOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Run folder for embeddings and scores (default ./curate-run, or the run folder "
+        "given as input); rerunning into it resumes.",
+        rich_help_panel="Output",
+    ),
+]
+
+__all__ = ["DEFAULT_MAX_PIXELS"]

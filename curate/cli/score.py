@@ -1,0 +1,197 @@
+"""`curate score`: CLIPScore, negCLIPLoss and NormSim for every pair, as a parquet table."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from curate.cli import options as opt
+from curate.cli.report import print_json, score_summary, warn_shard_problems
+from curate.errors import InputError
+from curate.runtime.progress import scoring_status
+
+if TYPE_CHECKING:
+    from curate.embedding.stage import ModelSpec
+    from curate.embedding.store import RunFolder
+
+
+class Metric(str, Enum):
+    clipscore = "clipscore"
+    negclip = "negclip"
+    normsim = "normsim"
+
+
+def _parse_p(value: str) -> float:
+    try:
+        p = math.inf if value.lower() in ("inf", "infinity") else float(value)
+    except ValueError:
+        raise InputError(f"--normsim-p must be a number ≥ 1 or 'inf', not {value!r}") from None
+    if not p >= 1:
+        raise InputError(f"--normsim-p must be ≥ 1 (or 'inf'), not {value}")
+    return p
+
+
+def score_command(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="A run folder made by curate embed/score, or shards (folder of *.tar, glob, "
+            "quoted brace pattern, list file, fsspec URLs).",
+            show_default=False,
+        ),
+    ],
+    metric: Annotated[
+        list[Metric],
+        typer.Option(
+            "--metric",
+            "-m",
+            help="Metric to compute; repeat for several (-m clipscore -m negclip).",
+        ),
+    ] = [Metric.clipscore],  # noqa: B006 - typer needs a literal default
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run folder (default: the input run, or ./curate-run for shards). Scores go to "
+            "RUN/scores.parquet.",
+            rich_help_panel="Output",
+        ),
+    ] = None,
+    negclip_batch: Annotated[
+        int,
+        typer.Option(
+            "--negclip-batch",
+            min=1,
+            help="negCLIPLoss batch size |B| (capped at the pool size).",
+            rich_help_panel="negclip",
+        ),
+    ] = 32768,
+    negclip_k: Annotated[
+        int,
+        typer.Option(
+            "--negclip-k", min=1, help="Random batches per sample (K).", rich_help_panel="negclip"
+        ),
+    ] = 10,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature",
+            min=1e-6,
+            help="τ; default: the model's own 1/exp(logit_scale).",
+            rich_help_panel="negclip",
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the negclip batch permutations.", rich_help_panel="negclip")
+    ] = 0,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            help="NormSim target: an embedding run made with "
+            "the same model, or shards (embedded and cached in "
+            "RUN/targets/).",
+            rich_help_panel="normsim",
+        ),
+    ] = None,
+    normsim_p: Annotated[
+        str,
+        typer.Option(
+            "--normsim-p",
+            help="NormSim norm: inf (max similarity), 2 (via "
+            "the target's second-moment matrix) or any number ≥ 1.",
+            rich_help_panel="normsim",
+        ),
+    ] = "inf",
+    model: opt.ModelOpt = None,
+    pretrained: opt.PretrainedOpt = None,
+    device: opt.DeviceOpt = "auto",
+    precision: opt.PrecisionOpt = opt.PrecisionChoice.auto,
+    batch_size: opt.BatchSizeOpt = 256,
+    workers: opt.WorkersOpt = None,
+    max_pixels: opt.MaxPixelsOpt = opt.DEFAULT_MAX_PIXELS,
+    no_progress: opt.NoProgressOpt = False,
+    as_json: opt.JsonOpt = False,
+) -> int:
+    """Score every image-text pair; embeds what the run folder does not hold yet.
+
+    Examples:
+
+      [bold]curate score shards/ --metric negclip --metric clipscore[/bold]
+
+      [bold]curate score curate-run/ -m normsim --target imagenet-shards/ --normsim-p inf[/bold]
+    """
+    from curate.embedding.stage import prepare_run
+    from curate.scoring.stage import NegclipOptions, NormsimOptions, score_run
+
+    p = _parse_p(normsim_p)
+    if Metric.normsim in metric and target is None:
+        raise InputError("--metric normsim needs --target (shards or an embedding run)")
+    embed_options = {
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "max_pixels": max_pixels,
+        "progress": not no_progress,
+    }
+    prepared = prepare_run(
+        inputs,
+        out,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+        precision=precision.value,
+        **embed_options,
+    )
+    metrics = list(dict.fromkeys(m.value for m in metric))
+    target_run = None
+    if target is not None and Metric.normsim.value in metrics:
+        target_run = _target_run(target, prepared.run, prepared.spec, embed_options)
+    dev = None if device == "auto" else device
+    with scoring_status(f"computing {', '.join(metrics)}", enabled=not no_progress):
+        report = score_run(
+            prepared.run,
+            prepared.stems,
+            metrics,
+            out=prepared.run.path / "scores.parquet",
+            negclip_opts=NegclipOptions(
+                batch_size=negclip_batch, k=negclip_k, temperature=temperature, seed=seed
+            ),
+            normsim_opts=NormsimOptions(target=target_run, p=p),
+            device=dev,
+            shard_errors=prepared.report.shard_errors,
+        )
+    warn_shard_problems(report.shard_errors, report.truncated)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        score_summary(report)
+    if report.shard_errors:
+        raise typer.Exit(1)
+    return 0
+
+
+def _target_run(
+    target: str, run: RunFolder, spec: ModelSpec, embed_options: dict[str, Any]
+) -> RunFolder:
+    """An existing embedding run, or target shards embedded once into RUN/targets/<hash>."""
+    from curate.embedding.stage import embed_shards
+    from curate.embedding.store import RunFolder
+    from curate.io.shards import resolve_shards
+
+    if RunFolder.is_run(target):
+        return RunFolder(target)
+    urls = resolve_shards([target])
+    fingerprint = run.model_record()["fingerprint"]
+    key = hashlib.sha256("\n".join([fingerprint, *urls]).encode()).hexdigest()[:16]
+    target_run = RunFolder(run.path / "targets" / key)
+    report = embed_shards(urls, target_run, spec, **embed_options)
+    if report.shard_errors:
+        url, error = next(iter(report.shard_errors.items()))
+        raise InputError(f"target shard {url} cannot be read: {error}")
+    return target_run

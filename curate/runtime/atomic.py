@@ -1,0 +1,39 @@
+"""Atomic file writes: a crashed run never leaves a half-written file under its final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:  # on disk before it gets its final name
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_atomic(final: Path, writer: Callable[[Path], None]) -> None:
+    """Call `writer(tmp_path)` and move the result onto `final` atomically."""
+    with atomic_path(final) as tmp:
+        writer(tmp)
+
+
+def write_json_atomic(final: Path, payload: Any) -> None:
+    """Write `payload` as pretty, key-sorted JSON (stable bytes for the same content)."""
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    write_atomic(final, lambda tmp: tmp.write_text(text, encoding="utf-8"))
