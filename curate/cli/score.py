@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -14,10 +13,6 @@ from curate.cli import options as opt
 from curate.cli.report import print_json, score_summary, warn_shard_problems
 from curate.errors import InputError
 from curate.runtime.progress import scoring_status
-
-if TYPE_CHECKING:
-    from curate.embedding.stage import ModelSpec
-    from curate.embedding.store import RunFolder
 
 
 class Metric(str, Enum):
@@ -127,7 +122,7 @@ def score_command(
 
       [bold]curate score curate-run/ -m normsim --target imagenet-shards/ --normsim-p inf[/bold]
     """
-    from curate.embedding.stage import prepare_run
+    from curate.embedding.stage import prepare_run, prepare_target
     from curate.scoring.stage import NegclipOptions, NormsimOptions, score_run
 
     p = _parse_p(normsim_p)
@@ -151,7 +146,7 @@ def score_command(
     metrics = list(dict.fromkeys(m.value for m in metric))
     target_run = None
     if target is not None and Metric.normsim.value in metrics:
-        target_run = _target_run(target, prepared.run, prepared.spec, embed_options)
+        target_run = prepare_target(target, prepared.run, prepared.spec, **embed_options)
     dev = None if device == "auto" else device
     with scoring_status(f"computing {', '.join(metrics)}", enabled=not no_progress):
         report = score_run(
@@ -174,24 +169,3 @@ def score_command(
     if report.shard_errors:
         raise typer.Exit(1)
     return 0
-
-
-def _target_run(
-    target: str, run: RunFolder, spec: ModelSpec, embed_options: dict[str, Any]
-) -> RunFolder:
-    """An existing embedding run, or target shards embedded once into RUN/targets/<hash>."""
-    from curate.embedding.stage import embed_shards
-    from curate.embedding.store import RunFolder
-    from curate.io.shards import resolve_shards
-
-    if RunFolder.is_run(target):
-        return RunFolder(target)
-    urls = resolve_shards([target])
-    fingerprint = run.model_record()["fingerprint"]
-    key = hashlib.sha256("\n".join([fingerprint, *urls]).encode()).hexdigest()[:16]
-    target_run = RunFolder(run.path / "targets" / key)
-    report = embed_shards(urls, target_run, spec, **embed_options)
-    if report.shard_errors:
-        url, error = next(iter(report.shard_errors.items()))
-        raise InputError(f"target shard {url} cannot be read: {error}")
-    return target_run

@@ -8,6 +8,7 @@ embedding, so re-scoring a finished run costs no model load.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -167,8 +168,8 @@ def embed_shards(
         return report
 
     model = loaded or spec.load()
-    run.bind_model(model.record(), {stems[u]: u for u in urls}, embedding=True)
     report.model_record = model.record()
+    run.bind_model(report.model_record, {stems[u]: u for u in urls}, embedding=True)
     sources = {u: source_signature(u) for u in pending}  # before reading: changes show up later
     workers = default_workers() if num_workers is None else num_workers
     units = plan_units(pending, list(range(len(pending))), workers)
@@ -297,3 +298,21 @@ def prepare_run(
     stems = run.assign_stems(urls)
     done = [stems[u] for u in dict.fromkeys(urls) if u not in report.shard_errors]
     return PreparedRun(run=run, stems=done, spec=spec, report=report)
+
+
+def prepare_target(
+    target: str, run: RunFolder, spec: ModelSpec, **embed_options: object
+) -> RunFolder:
+    """A NormSim target: an existing embedding run, or shards embedded once with the pool's
+    model into RUN/targets/<hash of weights fingerprint and shard URLs>."""
+    if RunFolder.is_run(target):
+        return RunFolder(target)
+    urls = resolve_shards([target])
+    fingerprint = run.model_record()["fingerprint"]
+    key = hashlib.sha256("\n".join([fingerprint, *urls]).encode()).hexdigest()[:16]
+    target_run = RunFolder(run.path / "targets" / key)
+    report = embed_shards(urls, target_run, spec, **embed_options)  # type: ignore[arg-type]
+    if report.shard_errors:
+        url, error = next(iter(report.shard_errors.items()))
+        raise InputError(f"target shard {url} cannot be read: {error}")
+    return target_run
