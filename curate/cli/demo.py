@@ -68,4 +68,18 @@ def demo_command(
         f"{result.accounted.get('corrupt', 0)}",
         highlight=False,
     )
+    stdout_console.print(
+        "\n[bold]next[/bold]: select with the negCLIPLoss ∩ NormSim recipe, write the curated "
+        "shards, and fine-tune the demo CLIP on them with open_clip's trainer:\n"
+        f"  curate select {out}/run --top negclip:0.3 --top normsim_inf:0.2:pool "
+        f"--out {out}/subset\n"
+        f"  curate write {out}/shards --subset {out}/subset --out {out}/curated "
+        "--shard-samples 200\n"
+        f"  python -m open_clip_train.main --model local-dir:{out}/open_clip "
+        f"--dataset-type webdataset --train-data '<printed by curate write>' "
+        "--train-num-samples <printed> --batch-size 32 --epochs 1 --precision fp32 "
+        "--workers 1 --lr 1e-4 --warmup 1",
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0

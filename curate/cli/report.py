@@ -14,6 +14,8 @@ from curate.runtime.progress import stderr_console
 if TYPE_CHECKING:
     from curate.embedding.stage import EmbedReport
     from curate.scoring.stage import ScoreReport
+    from curate.selection.stage import SelectReport
+    from curate.writing.stage import WriteReport
 
 stdout_console = Console()
 _QUANTILE_LABELS = {
@@ -89,3 +91,72 @@ def score_summary(report: ScoreReport) -> None:
             highlight=False,
         )
     stdout_console.print(f"scores: [bold]{report.out}[/bold]", highlight=False, soft_wrap=True)
+
+
+def select_summary(report: SelectReport) -> None:
+    """Counts at every step, so the numbers can be checked against the subset."""
+    head = Table(title="curate select", show_header=False, title_justify="left")
+    head.add_row("pool table", report.source)
+    head.add_row("rows", str(report.rows))
+    head.add_row("scored (the pool)", str(report.pool))
+    head.add_row("failed", str(report.failed))
+    for code, n in report.failures.items():
+        head.add_row(f"  {code}", str(n))
+    stdout_console.print(head)
+    if report.steps:
+        steps = Table(title="steps", title_justify="left", box=box.SIMPLE_HEAD)
+        for name, justify in (
+            ("step", "left"),
+            ("before", "right"),
+            ("after", "right"),
+            ("threshold", "right"),
+            ("note", "left"),
+        ):
+            steps.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for s in report.steps:
+            steps.add_row(s.step, str(s.before), str(s.after), _fmt(s.threshold), s.note or "")
+        stdout_console.print(steps)
+    stdout_console.print(
+        f"selected [bold]{report.selected}[/bold] of {report.pool}: "
+        f"{report.out}/subset.parquet, {report.out}/subset.npy",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def write_summary(report: WriteReport) -> None:
+    """Where every subset uid went, what was written, and how to train on it."""
+    table = Table(title="curate write", show_header=False, title_justify="left")
+    table.add_row("subset uids", str(report.subset_uids))
+    table.add_row("written uids", str(report.written_uids))
+    table.add_row("written samples (with repeats)", str(report.written_samples))
+    table.add_row("missing from shards", str(report.missing_uids))
+    for code, n in report.failed_uids.items():
+        table.add_row(f"failed: {code}", str(n))
+    if report.zero_copies:
+        table.add_row("zero copies (weight)", str(report.zero_copies))
+    if report.repeated_uids:
+        table.add_row("repeated uids", str(report.repeated_uids))
+        table.add_row("max copies of a uid in one shard", str(report.max_copies_in_one_shard))
+    table.add_row("input shards / samples", f"{report.input_shards} / {report.input_samples}")
+    table.add_row(
+        "output shards",
+        f"{report.shards} ({report.shards_written} written, {report.shards_skipped} already "
+        "complete)",
+    )
+    table.add_row("bytes", f"{report.bytes:,}")
+    table.add_row("seconds", f"{report.seconds:.1f}")
+    stdout_console.print(table)
+    if report.missing_uids:
+        stdout_console.print(
+            f"[yellow]{report.missing_uids} subset uids are not in the shards:[/yellow] "
+            f"{report.out}/missing_uids.txt",
+            highlight=False,
+            soft_wrap=True,
+        )
+    stdout_console.print(
+        f"train with open_clip: --dataset-type webdataset --train-data '{report.train_data}' "
+        f"--train-num-samples {report.written_samples}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -6,6 +6,7 @@ with the generator's noise labels to show how well each metric separates noise f
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,12 +17,14 @@ import polars as pl
 
 from curate.demo.evaluate import auroc
 from curate.demo.synthetic import generate_shards
-from curate.demo.train_tiny import CONFIG_NAME, ensure_demo_model
-from curate.embedding.stage import prepare_run
+from curate.demo.train_tiny import CONFIG_NAME, CONFIG_PATH, ensure_demo_model
+from curate.embedding.stage import prepare_run, prepare_target
 from curate.errors import InputError
-from curate.scoring.stage import ScoreReport, score_run
+from curate.runtime.atomic import write_atomic, write_json_atomic
+from curate.scoring.stage import NormsimOptions, ScoreReport, score_run
 
-DEMO_METRICS = ("clipscore", "negclip")
+DEMO_METRICS = ("clipscore", "negclip")  # AUROC is reported for these
+TARGET_SAMPLES = 200  # clean pairs standing in for a downstream task's images (NormSim target)
 
 
 @dataclass
@@ -31,6 +34,9 @@ class DemoResult:
     run_dir: Path
     shards_dir: Path
     score: ScoreReport
+    target_dir: Path | None = None
+    open_clip_dir: Path | None = None
+    checkpoint: Path | None = None
     auroc: dict[str, dict[str, float]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)  # noise kind -> samples
     accounted: dict[str, int] = field(default_factory=dict)  # noise kind -> failed
@@ -47,7 +53,9 @@ def run_demo(
     model_cache: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Generate data into OUT/shards, score it into OUT/run, evaluate against the labels.
+    """Generate data into OUT/shards (and a clean NormSim target set into OUT/target), score
+    it into OUT/run (clipscore, negclip, normsim_inf), evaluate against the labels, and export
+    the model as an open_clip `local-dir:` folder OUT/open_clip for open_clip's trainer.
 
     OUT is the demo's own folder: a rerun replaces its shards and run (a folder not made by
     the demo is refused rather than overwritten).
@@ -62,6 +70,16 @@ def run_demo(
         f"wrote {len(data.shards)} shards, {num_samples} samples to {shards_dir} "
         f"(noise: {', '.join(f'{k} {v}' for k, v in data.counts.items())})"
     )
+    target_dir = out / "target"
+    generate_shards(
+        target_dir,
+        num_samples=TARGET_SAMPLES,
+        samples_per_shard=TARGET_SAMPLES,
+        mismatch=0.0,
+        generic=0.0,
+        corrupt=0.0,
+        seed=seed + 1,
+    )
     prepared = prepare_run(
         [str(shards_dir)],
         out / "run",
@@ -70,15 +88,31 @@ def run_demo(
         num_workers=num_workers,
         progress=progress,
     )
-    report = score_run(
-        prepared.run, prepared.stems, DEMO_METRICS, out=prepared.run.path / "scores.parquet"
+    target = prepare_target(
+        str(target_dir), prepared.run, prepared.spec, num_workers=num_workers, progress=False
     )
+    report = score_run(
+        prepared.run,
+        prepared.stems,
+        (*DEMO_METRICS, "normsim"),
+        out=prepared.run.path / "scores.parquet",
+        normsim_opts=NormsimOptions(target=target),
+    )
+    open_clip_dir = export_open_clip_dir(checkpoint, out / "open_clip")
     scores = pl.read_parquet(report.out).with_columns(
         (pl.col("shard") + pl.lit(".tar")).alias("shard_file")
     )
     labels = pl.read_parquet(data.labels).rename({"shard": "shard_file"})
     joined = labels.join(scores, on=["shard_file", "key"], how="left", validate="1:1")
-    result = DemoResult(out / "run", shards_dir, report, counts=dict(data.counts))
+    result = DemoResult(
+        out / "run",
+        shards_dir,
+        report,
+        target_dir=target_dir,
+        open_clip_dir=open_clip_dir,
+        checkpoint=checkpoint,
+        counts=dict(data.counts),
+    )
     result.accounted = {
         kind: int(joined.filter((pl.col("noise") == kind) & (pl.col("status") == "failed")).height)
         for kind in data.counts
@@ -93,6 +127,19 @@ def run_demo(
     return result
 
 
+def export_open_clip_dir(checkpoint: Path, folder: Path) -> Path:
+    """An open_clip `local-dir:` model folder (open_clip_config.json + weights) so that
+    `python -m open_clip_train.main --model local-dir:FOLDER` fine-tunes the demo CLIP."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = json.loads(CONFIG_PATH.read_text(encoding="utf-8"))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {}}
+    write_json_atomic(folder / "open_clip_config.json", config)
+    write_atomic(
+        folder / "open_clip_model.safetensors", lambda tmp: shutil.copyfile(checkpoint, tmp)
+    )
+    return folder
+
+
 _MARKER = ".curate-demo"
 
 
@@ -100,7 +147,7 @@ def _claim_demo_folder(out: Path) -> None:
     """Start from an empty OUT/shards and OUT/run so no earlier demo's data is scored."""
     if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
         raise InputError(f"{out} exists and was not made by curate demo; pick another --out")
-    for sub in ("shards", "run"):
+    for sub in ("shards", "run", "target", "open_clip"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / _MARKER).write_text("made by curate demo; reruns replace shards/ and run/\n")

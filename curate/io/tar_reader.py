@@ -52,7 +52,16 @@ from curate.errors import ShardOpenError
 from curate.io.shards import open_shard, shard_basename
 from curate.io.uids import derive_uid, uid_from_meta
 
-__all__ = ["FAILURE_CODES", "IMAGE_EXTS", "RawSample", "ShardReader"]
+__all__ = [
+    "FAILURE_CODES",
+    "IMAGE_EXTS",
+    "EndAwareTarInfo",
+    "RawSample",
+    "ShardReader",
+    "parse_meta",
+    "sample_uid",
+    "split_member_name",
+]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FAILURE_CODES = (
@@ -114,7 +123,7 @@ class _Group:
             self.meta = data
 
 
-class _EndAwareTarInfo(tarfile.TarInfo):
+class EndAwareTarInfo(tarfile.TarInfo):
     """Records why the stream ended: tarfile treats a cut or garbled header as a clean end."""
 
     @classmethod
@@ -129,7 +138,7 @@ class _EndAwareTarInfo(tarfile.TarInfo):
             raise
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
+def split_member_name(name: str) -> tuple[str, str] | None:
     """(key, lowercased extension) of a member name, or None for members that are not samples."""
     name = name.removeprefix("./")
     folder, _, base = name.rpartition("/")
@@ -205,7 +214,7 @@ class ShardReader:
 
     def _open_tar(self, fh: BinaryIO) -> tarfile.TarFile:
         try:
-            return tarfile.open(fileobj=fh, mode="r|*", tarinfo=_EndAwareTarInfo)
+            return tarfile.open(fileobj=fh, mode="r|*", tarinfo=EndAwareTarInfo)
         except Exception as exc:  # ReadError, gzip/zlib/lzma errors, I/O errors
             reason = str(exc) or type(exc).__name__
             raise ShardOpenError(
@@ -231,7 +240,7 @@ class ShardReader:
                     return
                 if not member.isreg():
                     continue
-                parsed = _split_name(member.name)
+                parsed = split_member_name(member.name)
                 last_key = parsed[0] if parsed is not None else None
                 if parsed is None or parsed[1] not in _WANTED:
                     continue
@@ -249,10 +258,8 @@ class ShardReader:
         key = group.key
         count = seen.get(key, 0) + 1
         seen[key] = count
-        meta, note = _parse_meta(group.meta)
-        uid = uid_from_meta(meta) or derive_uid(self.shard, key)
-        if count > 1:
-            uid = derive_uid(self.shard, f"{key}#{count}")
+        meta, note = parse_meta(group.meta)
+        uid = sample_uid(self.shard, key, meta, count)
         caption: str | None = None
         caption_error: str | None = None
         if group.caption is not None:
@@ -343,7 +350,14 @@ class ShardReader:
         return rows
 
 
-def _parse_meta(raw: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
+def sample_uid(shard: str, key: str, meta: dict[str, Any] | None, occurrence: int = 1) -> str:
+    """The uid of the `occurrence`-th sample with `key` in `shard` (see the module docstring)."""
+    if occurrence > 1:
+        return derive_uid(shard, f"{key}#{occurrence}")
+    return uid_from_meta(meta) or derive_uid(shard, key)
+
+
+def parse_meta(raw: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
     """Parsed ``.json`` metadata and a ``bad_json`` note when it is unusable."""
     if raw is None:
         return None, None

@@ -34,6 +34,13 @@ class StageProgress:
     def advance_shard(self) -> None:
         self._progress.advance(self._task)
 
+    def set(self, shards_done: int, shards_total: int, samples: int) -> None:
+        """Jump to absolute counts (for stages that learn their total late)."""
+        self.samples = samples
+        self._progress.update(
+            self._task, completed=shards_done, total=shards_total, samples=samples
+        )
+
 
 @contextmanager
 def progress_bar(

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.embedding.store import RunFolder, embeddings_to_numpy
+from curate.embedding.store import META_COLUMNS, RunFolder, embeddings_to_numpy
 from curate.errors import InputError, RunFolderError
 from curate.runtime.atomic import write_atomic, write_json_atomic
 from curate.scoring.clipscore import clipscore
@@ -85,7 +85,7 @@ def load_pool(
     """Concatenate the shard tables' metadata and, for OK rows, the requested embeddings."""
     model = run.model_record()
     dim = int(model["embed_dim"])
-    columns = ["uid", "key", "shard", "caption", "error"]
+    columns = list(META_COLUMNS)
     metas: list[pa.Table] = []
     embs: dict[str, list[np.ndarray]] = {name: [] for name in with_embeddings}
     for stem in stems:

@@ -1,0 +1,159 @@
+"""Uid files: DataComp subset `.npy`, parquet with a `uid` column, plain text (one uid per line).
+
+A DataComp subset file is a numpy structured array of two unsigned 64-bit ints per uid, dtype
+``[("u0", "<u8"), ("u1", "<u8")]``, **sorted** (DataComp's resharder binary-searches it, so an
+unsorted file silently loses samples there). Files written by DataComp itself use the field
+names ``f0``/``f1``; any structured dtype with exactly two uint64 fields is read.
+
+Reading keeps the file's multiplicity: ``UidList.uids`` is in file order with repeats, and
+``UidList.duplicates`` counts the extra copies so callers decide whether repeats are an error,
+a no-op (set algebra) or upweighting (``curate write --duplicates repeat``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.errors import InputError
+from curate.io.uids import is_uid
+from curate.runtime.atomic import atomic_path
+
+__all__ = [
+    "DATACOMP_DTYPE",
+    "UidList",
+    "pairs_to_uids",
+    "read_uid_file",
+    "uids_to_pairs",
+    "write_datacomp_npy",
+]
+
+DATACOMP_DTYPE = np.dtype([("u0", "<u8"), ("u1", "<u8")])
+UID_FORMATS = ".npy (DataComp), .parquet (uid column), .txt (one uid per line)"
+
+
+@dataclass
+class UidList:
+    """Uids read from one file, in file order, lowercased, repeats kept."""
+
+    path: str
+    uids: list[str]
+    table: pa.Table | None = None  # the parquet's other columns, row-aligned with `uids`
+    was_sorted: bool = True  # for .npy: whether the file was in DataComp order
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.uids) - len(set(self.uids))
+
+    def repeated(self) -> Counter[str]:
+        """Uids present more than once, with their count."""
+        counts = Counter(self.uids)
+        return Counter({uid: n for uid, n in counts.items() if n > 1})
+
+
+def uids_to_pairs(uids: Sequence[str]) -> np.ndarray:
+    """32-hex uids to DataComp's structured (u0, u1) array, in the given order."""
+    out = np.empty(len(uids), dtype=DATACOMP_DTYPE)
+    for i, uid in enumerate(uids):
+        out[i] = (int(uid[:16], 16), int(uid[16:], 16))
+    return out
+
+
+def pairs_to_uids(pairs: np.ndarray) -> list[str]:
+    """Inverse of ``uids_to_pairs`` for any two-uint64-field structured array."""
+    first, second = pairs.dtype.names or ("", "")
+    return [f"{int(a):016x}{int(b):016x}" for a, b in zip(pairs[first], pairs[second], strict=True)]
+
+
+def write_datacomp_npy(path: Path, uids: Iterable[str]) -> int:
+    """Write the sorted, de-duplicated uids as a DataComp subset file; returns how many."""
+    unique = sorted({uid.lower() for uid in uids})  # hex order == (u0, u1) numeric order
+    bad = next((u for u in unique if not is_uid(u)), None)
+    if bad is not None:
+        raise InputError(f"cannot write {path}: {bad!r} is not a 32-hex-character uid")
+    array = uids_to_pairs(unique)
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    return len(unique)
+
+
+def read_uid_file(path: Path | str) -> UidList:
+    """Read a uid file by extension (a folder means its ``subset.parquet``); one-line errors."""
+    path = Path(path)
+    if path.is_dir():
+        inner = path / "subset.parquet"
+        if not inner.is_file():
+            raise InputError(f"{path} is a folder without subset.parquet; give a uid file")
+        path = inner
+    if not path.is_file():
+        raise InputError(f"uid file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return _read_npy(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix in (".txt", ".uids", ".csv", ""):
+        return _read_text(path)
+    raise InputError(f"{path}: unknown uid file type {suffix!r}; use {UID_FORMATS}")
+
+
+def _read_npy(path: Path) -> UidList:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npy file ({exc})") from exc
+    names = array.dtype.names
+    if (
+        array.ndim != 1
+        or names is None
+        or len(names) != 2
+        or any(array.dtype[n] != np.dtype("<u8") for n in names)
+    ):
+        raise InputError(
+            f"{path}: dtype {array.dtype} with shape {array.shape} is not a DataComp subset "
+            "(a 1-D array of two little-endian uint64 fields, e.g. [('u0','<u8'),('u1','<u8')])"
+        )
+    a, b = array[names[0]], array[names[1]]
+    was_sorted = bool(np.all((a[1:] > a[:-1]) | ((a[1:] == a[:-1]) & (b[1:] >= b[:-1]))))
+    return UidList(str(path), pairs_to_uids(array), was_sorted=was_sorted)
+
+
+def _read_parquet(path: Path) -> UidList:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable parquet file ({exc})") from exc
+    if "uid" not in table.column_names:
+        raise InputError(f"{path}: no 'uid' column (columns: {', '.join(table.column_names)})")
+    raw = table.column("uid").to_pylist()
+    uids = _validated(path, raw, lambda i: f"row {i}")
+    return UidList(str(path), uids, table=table)
+
+
+def _read_text(path: Path) -> UidList:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable UTF-8 text file ({exc})") from exc
+    numbered = [(n, line.strip()) for n, line in enumerate(lines, 1)]
+    numbered = [(n, text) for n, text in numbered if text and not text.startswith("#")]
+    if numbered and numbered[0][1].lower() == "uid":  # a one-column CSV's header
+        numbered = numbered[1:]
+    uids = _validated(path, [t for _, t in numbered], lambda i: f"line {numbered[i][0]}")
+    return UidList(str(path), uids)
+
+
+def _validated(path: Path, values: list[object], where: object) -> list[str]:
+    out: list[str] = []
+    for i, value in enumerate(values):
+        if not is_uid(value):
+            at = where(i)  # type: ignore[operator]
+            raise InputError(f"{path}: {at} is not a 32-hex-character uid: {value!r}")
+        out.append(str(value).lower())
+    return out

@@ -1,0 +1,1 @@
+"""Selection: score tables in, subsets (uid parquet + DataComp .npy) out."""

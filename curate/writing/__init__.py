@@ -1,0 +1,1 @@
+"""Writing curated WebDataset shards: verbatim sample bytes, deterministic tars, resumable."""

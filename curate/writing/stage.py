@@ -1,0 +1,600 @@
+"""The write stage: input shards + a subset in, new WebDataset shards holding only the subset out.
+
+1. Read the subset (uid file) and decide each uid's number of copies (duplicates in the file,
+   `--repeats COLUMN`).
+2. Index every input shard's headers (`curate.io.tar_index`); each subset uid is matched to its
+   first copyable sample. Uids found nowhere are `missing` (listed in OUT/missing_uids.txt); uids
+   whose sample cannot be copied (truncated, no image, no caption) are `failed` with that reason.
+3. Plan the output (`curate.writing.plan`) and fingerprint each output shard.
+4. Write each shard not already complete: members copied byte for byte from the inputs with
+   deterministic headers, plus an img2dataset-style sidecar `NNNNN.parquet` and
+   `NNNNN_stats.json`. The tar is renamed into place last, so a visible tar is always whole and
+   its stats record says which plan produced it; a rerun skips shards whose record matches.
+5. `manifest.json` (shards, counts, accounting, settings) and `sizes.json` (open_clip's
+   per-shard sample counts) close the run.
+
+Accounting: subset uids = written + missing + failed + zero copies (a uid with zero copies is
+not looked for, so it is never also missing or failed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.embedding.store import source_signature
+from curate.errors import InputError, ShardOpenError
+from curate.io.shards import open_shard, resolve_shards
+from curate.io.tar_index import ShardIndex, index_shard
+from curate.io.tar_reader import parse_meta
+from curate.io.tar_writer import DeterministicTarWriter
+from curate.io.uid_files import UidList, read_uid_file
+from curate.runtime.atomic import atomic_path, write_atomic, write_json_atomic
+from curate.writing.plan import Entry, Source, cut_shards, order_copies, shard_fingerprint
+
+Duplicates = Literal["error", "once", "repeat"]
+SCORES_MEMBER = "scores.json"
+MANIFEST = "manifest.json"
+SIZES = "sizes.json"
+MISSING = "missing_uids.txt"
+_OUTPUT_NAME = re.compile(r"^(\d{5})(\.tar|\.parquet|_stats\.json)$")
+
+SIDECAR_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("exif", pa.string()),
+        ("sha256", pa.string()),
+        ("source_shard", pa.string()),
+        ("source_key", pa.string()),
+        ("copy", pa.int32()),
+    ]
+)
+
+
+@dataclass
+class WriteOptions:
+    """How to cut, order and annotate the output shards."""
+
+    max_samples: int = 10000
+    max_bytes: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    duplicates: Duplicates = "error"
+    repeats_column: str | None = None
+    with_columns: list[str] = field(default_factory=list)
+    workers: int = 4
+    overwrite: bool = False
+
+    def settings(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("workers")
+        data.pop("overwrite")
+        return data
+
+
+@dataclass
+class WriteReport:
+    """Where every subset uid and input sample went, and what was written."""
+
+    out: Path
+    subset: str
+    subset_rows: int = 0
+    subset_uids: int = 0
+    written_uids: int = 0
+    written_samples: int = 0
+    missing_uids: int = 0
+    failed_uids: dict[str, int] = field(default_factory=dict)
+    zero_copies: int = 0
+    repeated_uids: int = 0
+    max_copies_in_one_shard: int = 0
+    input_shards: int = 0
+    input_samples: int = 0
+    not_selected: int = 0
+    duplicate_uid: int = 0
+    shard_errors: dict[str, str] = field(default_factory=dict)
+    truncated: dict[str, str] = field(default_factory=dict)
+    shards: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    bytes: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def train_data(self) -> str:
+        """The brace pattern of the output shards, as open_clip's --train-data wants it."""
+        if self.shards == 1:
+            return str(self.out / "00000.tar")
+        return str(self.out / f"{{00000..{self.shards - 1:05d}}}.tar")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["train_data"] = self.train_data
+        return data
+
+
+def write_subset(
+    shards: str | Sequence[str],
+    subset: Path | str,
+    *,
+    out: Path,
+    options: WriteOptions | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> WriteReport:
+    """Write the samples of `subset` found in `shards` as new shards in `out` (module doc).
+
+    `progress(shards_done, shards_total, samples_done)` is called after each output shard.
+    """
+    start = time.perf_counter()
+    options = options or WriteOptions()
+    out = Path(out)
+    if "://" in str(out):
+        raise InputError(f"--out {out}: curate write writes to a local folder")
+    if options.max_samples < 1 or (options.max_bytes is not None and options.max_bytes < 1):
+        raise InputError(
+            f"shard size limits must be positive (max_samples={options.max_samples}, "
+            f"max_bytes={options.max_bytes})"
+        )
+    report = WriteReport(out=out, subset=str(subset), settings=options.settings())
+    uid_list = read_uid_file(subset)
+    report.subset_rows = len(uid_list.uids)
+    if not uid_list.uids:
+        raise InputError(f"subset {subset} is empty: nothing to write")
+    copies = _copies_per_uid(uid_list, options)
+    report.subset_uids = len(copies)
+    report.zero_copies = sum(1 for c in copies.values() if c == 0)
+    report.repeated_uids = sum(1 for c in copies.values() if c > 1)
+    extras = _extra_members(uid_list, options.with_columns)
+
+    urls = resolve_shards(shards)
+    report.input_shards = len(urls)
+    _check_out_folder(out, urls, options.overwrite)
+    # Uids with zero copies are not looked for: they count once, as zero_copies.
+    wanted = {uid: n for uid, n in copies.items() if n > 0}
+    indexes = _index_all(urls, set(wanted), options.workers, report)
+    sources, failed = _match(indexes, wanted, report)
+    missing = sorted(set(wanted) - {s.sample.uid for s in sources} - failed)
+    report.missing_uids = len(missing)
+    writable = sources
+    if not writable:
+        raise InputError(
+            f"none of the {report.subset_uids} subset uids can be written: "
+            f"{report.missing_uids} not in the shards, {sum(report.failed_uids.values())} "
+            f"failed, {report.zero_copies} with zero copies"
+        )
+    order = order_copies(writable, shuffle=options.shuffle, seed=options.seed)
+    plan = cut_shards(
+        writable,
+        order,
+        max_samples=options.max_samples,
+        max_bytes=options.max_bytes,
+        extras=extras,
+        extra_ext=SCORES_MEMBER,
+    )
+    report.shards = len(plan)
+    report.written_uids = len(writable)
+    report.written_samples = len(order)
+    report.max_copies_in_one_shard = max(
+        max(Counter(e.source.sample.uid for e in entries).values()) for entries in plan
+    )
+
+    signatures = {url: source_signature(url) for url in urls}
+    settings = json.dumps(
+        {"signatures": signatures, "with_columns": options.with_columns}, sort_keys=True
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out, len(plan))
+    _remove_temporaries(out)
+    if missing:
+        write_atomic(out / MISSING, lambda tmp: tmp.write_text("\n".join(missing) + "\n"))
+    elif (out / MISSING).exists():
+        (out / MISSING).unlink()
+
+    records: list[dict[str, Any] | None] = [None] * len(plan)
+    todo: list[tuple[int, list[Entry], str]] = []
+    for i, entries in enumerate(plan):
+        fingerprint = shard_fingerprint(entries, urls, settings, extras)
+        existing = _complete_record(out, i, fingerprint)
+        if existing is not None:
+            records[i] = existing
+            report.shards_skipped += 1
+        else:
+            todo.append((i, entries, fingerprint))
+    if todo:  # the old manifest and sizes no longer describe the tars from here on
+        for name in (MANIFEST, SIZES):
+            (out / name).unlink(missing_ok=True)
+    done_samples = sum(len(plan[i]) for i, r in enumerate(records) if r is not None)
+    done_shards = report.shards_skipped
+    if progress:
+        progress(done_shards, len(plan), done_samples)
+    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
+        futures = [
+            (i, pool.submit(_write_shard, out, i, entries, urls, fp, extras))
+            for i, entries, fp in todo
+        ]
+        for i, future in futures:
+            records[i] = future.result()
+            report.shards_written += 1
+            done_shards += 1
+            done_samples += len(plan[i])
+            if progress:
+                progress(done_shards, len(plan), done_samples)
+    report.bytes = sum(int(r["curate"]["bytes"]) for r in records if r)
+    _write_manifest(out, plan, records, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _copies_per_uid(uid_list: UidList, options: WriteOptions) -> dict[str, int]:
+    """Copies per uid (insertion order = first appearance in the subset file)."""
+    counts = Counter(uid_list.uids)
+    repeated = uid_list.repeated()
+    if repeated and options.duplicates == "error":
+        example = next(iter(repeated))
+        raise InputError(
+            f"subset {uid_list.path} lists {len(repeated)} uids more than once (e.g. {example} "
+            f"x{repeated[example]}); pass --duplicates repeat to write the repeats spread across "
+            "shards, or --duplicates once to write each uid once"
+        )
+    per_uid = {uid: (n if options.duplicates == "repeat" else 1) for uid, n in counts.items()}
+    if options.repeats_column is None:
+        return per_uid
+    table = uid_list.table
+    column = options.repeats_column
+    if table is None or column not in table.column_names:
+        raise InputError(
+            f"--repeats {column}: the subset must be a parquet file with a {column!r} column"
+        )
+    values = table.column(column).to_pylist()
+    rng = np.random.default_rng([options.seed, 1])
+    draws = rng.random(len(values))
+    per_uid = dict.fromkeys(per_uid, 0)
+    counted: set[str] = set()
+    for row, (uid, value) in enumerate(zip(uid_list.uids, values, strict=True)):
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise InputError(
+                f"--repeats {column}: row {row} has {value!r}; weights must be finite numbers >= 0"
+            )
+        if options.duplicates == "once" and uid in counted:
+            continue  # `once`: a uid's first row alone decides its copies
+        counted.add(uid)
+        whole = math.floor(value)
+        # Stochastic rounding: expected copies equal the weight; seeded, in file order.
+        per_uid[uid] += whole + int(draws[row] < value - whole)
+    return per_uid
+
+
+def _extra_members(uid_list: UidList, columns: Sequence[str]) -> dict[str, bytes]:
+    """`scores.json` member bytes per uid with the chosen subset columns (first row per uid)."""
+    if not columns:
+        return {}
+    table = uid_list.table
+    if table is None:
+        raise InputError("--with-columns needs a parquet subset (curate select's subset.parquet)")
+    absent = [c for c in columns if c not in table.column_names]
+    if absent:
+        raise InputError(
+            f"--with-columns: the subset has no column {absent[0]!r} "
+            f"(columns: {', '.join(table.column_names)})"
+        )
+    data = table.select(list(columns)).to_pylist()
+    extras: dict[str, bytes] = {}
+    for uid, row in zip(uid_list.uids, data, strict=True):
+        if uid not in extras:
+            clean = {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in row.items()
+            }
+            extras[uid] = json.dumps(clean, sort_keys=True).encode()
+    return extras
+
+
+def _check_out_folder(out: Path, urls: Sequence[str], overwrite: bool) -> None:
+    """Refuse to write over the inputs, or over tars this stage did not write."""
+    resolved = out.resolve()
+    for url in urls:
+        if "://" not in url and Path(url).resolve().parent == resolved:
+            raise InputError(f"--out {out} is the input shards' folder; pick a new folder")
+    if not out.is_dir():
+        return
+    foreign = [
+        p.name
+        for p in sorted(out.glob("*.tar"))
+        if _read_stats(p.with_name(f"{p.stem}_stats.json")) is None
+    ]
+    if foreign and not overwrite:
+        raise InputError(
+            f"--out {out} holds tars not written by curate write ({foreign[0]}, ...); pick a new "
+            "folder or pass --overwrite to replace them"
+        )
+    if overwrite:
+        for p in out.iterdir():
+            if _OUTPUT_NAME.match(p.name) or p.name in (MANIFEST, SIZES, MISSING):
+                p.unlink()
+
+
+def _index_all(
+    urls: Sequence[str], wanted: set[str], workers: int, report: WriteReport
+) -> list[ShardIndex | None]:
+    def one(url: str) -> ShardIndex | None:
+        try:
+            return index_shard(url, wanted.__contains__)
+        except ShardOpenError as exc:
+            report.shard_errors[url] = str(exc)
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        indexes = list(pool.map(one, urls))
+    for index in indexes:
+        if index is not None and index.truncated:
+            report.truncated[index.url] = index.truncated
+    return indexes
+
+
+def _match(
+    indexes: Sequence[ShardIndex | None], copies: dict[str, int], report: WriteReport
+) -> tuple[list[Source], set[str]]:
+    """The first copyable sample of each subset uid, in input order, and the uids that only
+    have uncopyable samples (counted by reason in the report)."""
+    chosen: dict[str, Source] = {}
+    failed: dict[str, str] = {}
+    for shard_index, index in enumerate(indexes):
+        if index is None:
+            continue
+        for sample in index.samples:
+            report.input_samples += 1
+            if sample.uid not in copies:
+                report.not_selected += 1
+            elif sample.uid in chosen:
+                report.duplicate_uid += 1
+            elif sample.error is not None:
+                failed.setdefault(sample.uid, sample.error.split(":", 1)[0])
+            else:
+                chosen[sample.uid] = Source(shard_index, sample, copies[sample.uid])
+    for uid in chosen:
+        failed.pop(uid, None)
+    report.failed_uids = dict(sorted(Counter(failed.values()).items()))
+    return list(chosen.values()), set(failed)
+
+
+def _stats_path(out: Path, index: int) -> Path:
+    return out / f"{index:05d}_stats.json"
+
+
+def _read_stats(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("curate"), dict) else None
+
+
+def _complete_record(out: Path, index: int, fingerprint: str) -> dict[str, Any] | None:
+    """The shard's stats record when its tar and sidecar are complete for this fingerprint."""
+    stats = _read_stats(_stats_path(out, index))
+    if stats is None or stats["curate"].get("fingerprint") != fingerprint:
+        return None
+    tar = out / f"{index:05d}.tar"
+    if not tar.is_file() or tar.stat().st_size != stats["curate"].get("bytes"):
+        return None
+    if not (out / f"{index:05d}.parquet").is_file():
+        return None
+    return stats
+
+
+_TEMPORARY_NAME = re.compile(
+    r"^\.(\d{5}(\.tar|\.parquet|_stats\.json)|manifest\.json|sizes\.json|missing_uids\.txt)"
+    r"\.[0-9a-f]{8}\.tmp$"
+)
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Delete the temporary files (``atomic_path``'s) an earlier, killed run left behind."""
+    for p in out.iterdir():
+        if _TEMPORARY_NAME.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def _remove_stale(out: Path, count: int) -> None:
+    """Delete this stage's outputs numbered beyond the plan (left by an earlier, larger plan)."""
+    for p in out.iterdir():
+        match = _OUTPUT_NAME.match(p.name)
+        if match and int(match.group(1)) >= count:
+            p.unlink()
+
+
+class _Inputs:
+    """Open input shards for one output shard, closed together at the end."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self._urls = urls
+        self._open: dict[int, BinaryIO] = {}
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        fh = self._open.get(shard)
+        if fh is None:
+            fh = self._open[shard] = open_shard(self._urls[shard])
+        fh.seek(offset)
+        data = fh.read(size)
+        if len(data) != size:
+            raise ShardOpenError(
+                f"shard {self._urls[shard]} changed while writing (short read at {offset}); rerun"
+            )
+        return data
+
+    def close(self) -> None:
+        for fh in self._open.values():
+            fh.close()
+        self._open.clear()
+
+
+def _write_shard(
+    out: Path,
+    index: int,
+    entries: Sequence[Entry],
+    urls: Sequence[str],
+    fingerprint: str,
+    extras: dict[str, bytes],
+) -> dict[str, Any]:
+    name = f"{index:05d}"
+    rows: list[dict[str, Any]] = []
+    # An old tar goes first: the new stats record is written before the new tar is renamed into
+    # place, and must never end up beside an old tar (a same-size old tar would pass as done).
+    (out / f"{name}.tar").unlink(missing_ok=True)
+    inputs = _Inputs(urls)
+    try:
+        with atomic_path(out / f"{name}.tar") as tmp:
+            with open(tmp, "wb") as fh, DeterministicTarWriter(fh) as writer:
+                for entry in entries:
+                    rows.append(_copy_sample(writer, inputs, entry, urls, extras))
+                size, sha256 = writer.close()
+            table = pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA)
+            write_atomic(out / f"{name}.parquet", lambda p: pq.write_table(table, p))
+            stats = {
+                "count": len(rows),
+                "successes": len(rows),
+                "failed_to_download": 0,
+                "failed_to_resize": 0,
+                "status_dict": {"success": len(rows)},
+                "curate": {
+                    "fingerprint": fingerprint,
+                    "bytes": size,
+                    "sha256": sha256,
+                    "samples": len(rows),
+                    "unique_uids": len({r["uid"] for r in rows}),
+                    "sources": sorted({urls[e.source.shard].rsplit("/", 1)[-1] for e in entries}),
+                },
+            }
+            write_json_atomic(_stats_path(out, index), stats)
+    finally:
+        inputs.close()
+    return stats
+
+
+def _copy_sample(
+    writer: DeterministicTarWriter,
+    inputs: _Inputs,
+    entry: Entry,
+    urls: Sequence[str],
+    extras: dict[str, bytes],
+) -> dict[str, Any]:
+    sample = entry.source.sample
+    meta_raw: bytes | None = None
+    caption: bytes | None = None
+    for member in sample.members:
+        data = inputs.read(entry.source.shard, member.offset, member.size)
+        writer.add(f"{entry.key}.{member.ext}", data)
+        ext = member.ext.lower()
+        if ext == "json" and meta_raw is None:
+            meta_raw = data
+        elif ext == "txt" and caption is None:
+            caption = data
+    extra = extras.get(sample.uid)
+    if extra is not None:
+        writer.add(f"{entry.key}.{SCORES_MEMBER}", extra)
+    meta, _ = parse_meta(meta_raw)
+    meta = meta or {}
+    return {
+        "key": entry.key,
+        "uid": sample.uid,
+        "url": _as_str(meta.get("url")),
+        "caption": caption.decode("utf-8", "replace").strip() if caption is not None else None,
+        "status": "success",
+        "error_message": None,
+        "width": _as_int(meta.get("width")),
+        "height": _as_int(meta.get("height")),
+        "original_width": _as_int(meta.get("original_width")),
+        "original_height": _as_int(meta.get("original_height")),
+        "exif": _as_str(meta.get("exif")),
+        "sha256": _as_str(meta.get("sha256")),
+        "source_shard": urls[entry.source.shard].rsplit("/", 1)[-1],
+        "source_key": sample.key,
+        "copy": entry.copy,
+    }
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _as_str(value: object) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _write_manifest(
+    out: Path,
+    plan: Sequence[Sequence[Entry]],
+    records: Sequence[dict[str, Any] | None],
+    report: WriteReport,
+) -> None:
+    shards = []
+    for i, record in enumerate(records):
+        assert record is not None
+        info = record["curate"]
+        shards.append(
+            {
+                "tar": f"{i:05d}.tar",
+                "samples": info["samples"],
+                "unique_uids": info["unique_uids"],
+                "bytes": info["bytes"],
+                "sha256": info["sha256"],
+            }
+        )
+    manifest = {
+        "format": "curate-write/1",
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "accounting": {
+            k: v
+            for k, v in report.to_json().items()
+            if k
+            not in (
+                "out",
+                "subset",
+                "train_data",
+                "settings",
+                "seconds",
+                "shards_written",
+                "shards_skipped",
+            )
+        },
+        "settings": report.settings,
+    }
+    assert manifest["samples"] == sum(len(e) for e in plan)
+    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / SIZES, {s["tar"]: s["samples"] for s in shards})
