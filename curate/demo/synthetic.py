@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from curate.io.sidecar import IMG2DATASET_SIDECAR_SCHEMA
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -274,21 +276,7 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-_SIDECAR_SCHEMA = pa.schema(
-    [
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("key", pa.string()),
-        ("status", pa.string()),
-        ("error_message", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("original_width", pa.int64()),
-        ("original_height", pa.int64()),
-        ("exif", pa.string()),
-        ("sha256", pa.string()),
-    ]
-)
+_SIDECAR_SCHEMA = IMG2DATASET_SIDECAR_SCHEMA
 
 _LABEL_SCHEMA = pa.schema(
     [

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from curate.embedding.store import source_signature
 from curate.errors import InputError, ShardOpenError
 from curate.io.shards import open_shard, resolve_shards
+from curate.io.sidecar import IMG2DATASET_SIDECAR_SCHEMA
 from curate.io.tar_index import ShardIndex, index_shard
 from curate.io.tar_reader import parse_meta
 from curate.io.tar_writer import DeterministicTarWriter
@@ -51,23 +52,14 @@ SIZES = "sizes.json"
 MISSING = "missing_uids.txt"
 _OUTPUT_NAME = re.compile(r"^(\d{5})(\.tar|\.parquet|_stats\.json)$")
 
+# img2dataset's columns (key, url, caption, sizes, ...) plus where each row came from.
 SIDECAR_SCHEMA = pa.schema(
     [
-        ("key", pa.string()),
-        ("uid", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("status", pa.string()),
-        ("error_message", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("original_width", pa.int64()),
-        ("original_height", pa.int64()),
-        ("exif", pa.string()),
-        ("sha256", pa.string()),
-        ("source_shard", pa.string()),
-        ("source_key", pa.string()),
-        ("copy", pa.int32()),
+        *IMG2DATASET_SIDECAR_SCHEMA,
+        pa.field("uid", pa.string()),
+        pa.field("source_shard", pa.string()),
+        pa.field("source_key", pa.string()),
+        pa.field("copy", pa.int32()),
     ]
 )
 
