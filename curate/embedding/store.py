@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from curate import __version__
 from curate.embedding.loader import SampleRow
 from curate.errors import RunFolderError
-from curate.io.shards import shard_stems
+from curate.io.shards import shard_stems, source_signature
 from curate.runtime.atomic import write_atomic, write_json_atomic
 
 RUN_FORMAT = "curate-run/1"
@@ -44,25 +44,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-_SIGNATURE_FIELDS = ("size", "mtime", "LastModified", "last_modified", "ETag", "etag", "md5Hash")
-
-
-def source_signature(url: str) -> dict[str, str] | None:
-    """Size plus modification time or ETag of a shard, as strings; None if it cannot be stat'ed.
-
-    Sizes alone miss rewrites (tar sizes are rounded to 10 KiB blocks), hence the second field.
-    """
-    import fsspec
-
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-        info = fs.info(path)
-    except Exception:
-        return None
-    signature = {k: str(info[k]) for k in _SIGNATURE_FIELDS if info.get(k) is not None}
-    return signature or None
 
 
 @dataclass

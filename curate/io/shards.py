@@ -335,3 +335,20 @@ def open_shard(url: str) -> BinaryIO:
     except Exception as exc:  # fsspec backends raise many types (ImportError, aiohttp, botocore)
         reason = str(exc) or type(exc).__name__
         raise ShardOpenError(f"cannot open shard {url}: {reason}") from exc
+
+
+_SIGNATURE_FIELDS = ("size", "mtime", "LastModified", "last_modified", "ETag", "etag", "md5Hash")
+
+
+def source_signature(url: str) -> dict[str, str] | None:
+    """Size plus modification time or ETag of a shard, as strings; None if it cannot be stat'ed.
+
+    Sizes alone miss rewrites (tar sizes are rounded to 10 KiB blocks), hence the second field.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except Exception:
+        return None
+    signature = {k: str(info[k]) for k in _SIGNATURE_FIELDS if info.get(k) is not None}
+    return signature or None

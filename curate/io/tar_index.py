@@ -56,13 +56,15 @@ class IndexedSample:
 
 @dataclass
 class ShardIndex:
-    """Every sample of one shard, in tar order (only `wanted` ones keep their members)."""
+    """The samples of one shard in tar order: all of them, or only those whose uid is `wanted`
+    (the others are only counted, so memory follows the subset, not the pool)."""
 
     url: str
     shard: str
     samples: list[IndexedSample]
     size: int
     truncated: str | None = None
+    count: int = 0  # every sample of the shard, wanted or not
 
 
 def index_shard(url: str, wanted: Callable[[str], bool] | None = None) -> ShardIndex:
@@ -109,6 +111,7 @@ def _walk(
     end; other members ride along with the sample of their key that they sit in (or, just
     before it, start), and are dropped where ShardReader would see no sample for them."""
     samples: list[IndexedSample] = []
+    total = 0
     seen: dict[str, int] = {}
     truncated: str | None = None
     group: _Group | None = None
@@ -129,8 +132,10 @@ def _walk(
             error = f"missing_image: no image member for key {g.key!r}"
         elif "txt" not in g.wanted:
             error = f"missing_caption: no .txt member for key {g.key!r}"
-        keep_members = wanted is None or wanted(uid)
-        samples.append(IndexedSample(g.key, uid, g.members if keep_members else [], error))
+        nonlocal total
+        total += 1
+        if wanted is None or wanted(uid):
+            samples.append(IndexedSample(g.key, uid, g.members, error))
 
     def start(key: str) -> _Group:
         nonlocal pending
@@ -199,4 +204,4 @@ def _walk(
     if group is not None:
         group.cut = truncated is not None
         finish(group)
-    return ShardIndex(url, shard, samples, size, truncated)
+    return ShardIndex(url, shard, samples, size, truncated, total)

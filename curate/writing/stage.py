@@ -34,9 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.embedding.store import source_signature
 from curate.errors import InputError, ShardOpenError
-from curate.io.shards import open_shard, resolve_shards
+from curate.io.shards import open_shard, resolve_shards, source_signature
 from curate.io.sidecar import IMG2DATASET_SIDECAR_SCHEMA
 from curate.io.tar_index import ShardIndex, index_shard
 from curate.io.tar_reader import parse_meta
@@ -360,11 +359,10 @@ def _match(
     for shard_index, index in enumerate(indexes):
         if index is None:
             continue
+        report.input_samples += index.count
+        report.not_selected += index.count - len(index.samples)
         for sample in index.samples:
-            report.input_samples += 1
-            if sample.uid not in copies:
-                report.not_selected += 1
-            elif sample.uid in chosen:
+            if sample.uid in chosen:
                 report.duplicate_uid += 1
             elif sample.error is not None:
                 failed.setdefault(sample.uid, sample.error.split(":", 1)[0])
