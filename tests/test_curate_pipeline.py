@@ -80,6 +80,22 @@ def test_demo_scored_selected_written_and_trained(
     got = {f"{int(a):016x}{int(b):016x}" for a, b in zip(uids["u0"], uids["u1"], strict=True)}
     assert got == want
 
+    # NormSim_2-D reads the run's embeddings and keeps what the top rule keeps without ties.
+    code, out, _ = run_cli(
+        [
+            "select",
+            str(demo / "run"),
+            "--top",
+            "normsim2_d:0.3",
+            "--out",
+            str(demo / "ns2d"),
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, out
+    assert json.loads(out)["selected"] == math.floor(0.3 * scored) + 1
+
     # Write.
     code, out, _ = run_cli(
         [

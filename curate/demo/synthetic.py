@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import math
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from curate.io.sidecar import IMG2DATASET_SIDECAR_SCHEMA
+from curate.io.tar_writer import DeterministicTarWriter
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -265,19 +265,6 @@ def noise_counts(
     return {"clean": num_samples - noisy, **counts}
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata so that the same content gives byte-identical archives.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-_SIDECAR_SCHEMA = IMG2DATASET_SIDECAR_SCHEMA
-
 _LABEL_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -352,7 +339,7 @@ def generate_shards(
         indices = range(first, min(first + samples_per_shard, num_samples))
         shard_name = f"{shard_id:05d}.tar"
         sidecar_rows = []
-        with tarfile.open(out / shard_name, "w", format=tarfile.GNU_FORMAT) as tar:
+        with open(out / shard_name, "wb") as fh, DeterministicTarWriter(fh) as tar:
             for local, i in enumerate(indices):
                 key = f"{shard_id:05d}{local:04d}"
                 image_bytes = encode_jpeg(pairs[i][1])
@@ -371,9 +358,9 @@ def generate_shards(
                     "exif": None,
                     "sha256": hashlib.sha256(image_bytes).hexdigest(),
                 }
-                _tar_add(tar, f"{key}.jpg", image_bytes)
-                _tar_add(tar, f"{key}.txt", captions[i].encode("utf-8"))
-                _tar_add(tar, f"{key}.json", json.dumps(row, indent=4).encode("utf-8"))
+                tar.add(f"{key}.jpg", image_bytes)
+                tar.add(f"{key}.txt", captions[i].encode("utf-8"))
+                tar.add(f"{key}.json", json.dumps(row, indent=4).encode("utf-8"))
                 sidecar_rows.append(row)
                 d = descs[i]
                 labels.append(
@@ -390,7 +377,7 @@ def generate_shards(
                         "caption": captions[i],
                     }
                 )
-        _write_parquet(sidecar_rows, _SIDECAR_SCHEMA, out / f"{shard_id:05d}.parquet")
+        _write_parquet(sidecar_rows, IMG2DATASET_SIDECAR_SCHEMA, out / f"{shard_id:05d}.parquet")
         stats = {
             "count": len(sidecar_rows),
             "successes": len(sidecar_rows),

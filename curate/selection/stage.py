@@ -302,30 +302,28 @@ def _apply_normsim2_d(
             f"--top {NORMSIM2_D}: needs image embeddings; give a run folder (curate score's "
             "output), not a bare table"
         )
-    from curate.embedding.store import embeddings_to_numpy
+    from curate.scoring.stage import load_pool
 
-    index = np.flatnonzero(state.keep)
-    wanted = {state.uids[i]: j for j, i in enumerate(index)}
-    dim = int(run.model_record()["embed_dim"])
-    emb = np.zeros((index.size, dim), dtype=np.float16)
-    found = np.zeros(index.size, dtype=bool)
     if "shard" not in state.frame.columns:
         raise RunFolderError(f"{run.path}/scores.parquet has no shard column; rerun curate score")
     stems = sorted(set(state.frame["shard"].drop_nulls().to_list()))
-    for stem in stems:
-        table = run.read_shard(stem, ["uid", "error", "image_emb"])
-        ok = np.asarray(table.column("error").is_null())
-        vectors = embeddings_to_numpy(table.column("image_emb"), dim)
-        for row, uid in enumerate(table.column("uid").to_pylist()):
-            j = wanted.get(uid)
-            if j is not None and ok[row] and not found[j]:
-                emb[j] = vectors[row]
-                found[j] = True
-    if not found.all():
-        missing = int((~found).sum())
+    meta, arrays = load_pool(run, stems, with_embeddings=["image_emb"])
+    row_of: dict[str, int] = {}  # embedding row of each uid's first OK sample
+    ok_uids = (
+        u
+        for u, e in zip(meta["uid"].to_pylist(), meta["error"].to_pylist(), strict=True)
+        if e is None
+    )
+    for row, uid in enumerate(ok_uids):
+        row_of.setdefault(uid, row)
+    index = np.flatnonzero(state.keep)
+    rows = np.array([row_of.get(state.uids[i], -1) for i in index], dtype=np.int64)
+    if (rows < 0).any():
         raise RunFolderError(
-            f"{missing} candidates have no image embedding in run {run.path}; rerun curate score"
+            f"{int((rows < 0).sum())} candidates have no image embedding in run {run.path}; "
+            "rerun curate score"
         )
+    emb = arrays["image_emb"][rows]
     mask_local, scores = normsim2_d(
         emb, min(n + 1, index.size), rounds=spec.normsim2d_rounds, seed=spec.seed, device=device
     )
