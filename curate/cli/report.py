@@ -12,6 +12,10 @@ from rich.table import Table
 from curate.runtime.progress import stderr_console
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from curate.balance.build import SourceCount
+    from curate.balance.stage import BalanceReport, MatchReport
     from curate.embedding.stage import EmbedReport
     from curate.scoring.stage import ScoreReport
     from curate.selection.stage import SelectReport
@@ -160,3 +164,113 @@ def write_summary(report: WriteReport) -> None:
         highlight=False,
         soft_wrap=True,
     )
+
+
+def match_summary(report: MatchReport, out: Path) -> None:
+    """What one match task did."""
+    stdout_console.print(
+        f"matched {report.matched_now} units ({report.skipped} already done) of this task's "
+        f"{report.units}: {report.samples} samples, {report.failed} failed; "
+        f"files in {out}/matches ({report.seconds:.1f}s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def balance_summary(report: BalanceReport) -> None:
+    """Pool, t, kept count, and the entry distribution before and after balancing."""
+    head = Table(title="curate balance", show_header=False, title_justify="left")
+    head.add_row("metadata", f"{report.metadata} ({report.entries} entries, {report.mode})")
+    head.add_row("pool rows", str(report.rows))
+    head.add_row("failed", str(report.failed))
+    for code, n in report.failures.items():
+        head.add_row(f"  {code}", str(n))
+    head.add_row(
+        "texts matching an entry", f"{report.matched} ({report.matched_fraction:.1%} of the pool)"
+    )
+    head.add_row("entries matched", f"{report.entries_matched} of {report.entries}")
+    rule = {"given": "given", "tail_share": f"tail share {report.tail_share_target}"}.get(
+        report.t_rule, "target size"
+    )
+    head.add_row("t", f"{report.t:g} ({rule})")
+    head.add_row("entries at or above t (sampled)", str(report.head_entries))
+    head.add_row(
+        "tail share (matches of entries below t)",
+        f"{report.tail_share_before:.3f} before, {report.tail_share_after:.3f} after",
+    )
+    head.add_row("matches", f"{report.matches_before} before, {report.matches_after} after")
+    head.add_row(
+        "largest entry count", f"{report.max_count_before} before, {report.max_count_after} after"
+    )
+    head.add_row("kept", f"{report.kept} (expected {report.expected_kept:.1f}), seed {report.seed}")
+    stdout_console.print(head)
+    if report.note:
+        stdout_console.print(f"[yellow]{report.note}[/yellow]", highlight=False)
+    if report.head:
+        top = Table(title="head: most matched entries", title_justify="left", box=box.SIMPLE_HEAD)
+        for name, justify in (
+            ("id", "right"),
+            ("entry", "left"),
+            ("before", "right"),
+            ("after", "right"),
+            ("min(1, t/count)", "right"),
+        ):
+            top.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for row in report.head:
+            top.add_row(
+                str(row.entry_id),
+                row.entry,
+                str(row.before),
+                str(row.after),
+                f"{row.probability:.3f}",
+            )
+        stdout_console.print(top)
+    if report.buckets:
+        dist = Table(
+            title="entries by pool count (tail at the top)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+        )
+        for name in ("count", "entries", "matches before", "matches after"):
+            dist.add_column(name, justify="right")
+        for b in report.buckets:
+            dist.add_row(
+                f"{b.low}–{b.high - 1}" if b.high else f"{b.low}+",
+                str(b.entries),
+                str(b.matches_before),
+                str(b.matches_after),
+            )
+        stdout_console.print(dist)
+    stdout_console.print(
+        f"balanced subset: [bold]{report.kept}[/bold] of {report.rows - report.failed}: "
+        f"{report.out}/subset.parquet, {report.out}/subset.npy",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def metadata_build_summary(
+    entries: int, sources: list[SourceCount], out: Path, unmatchable: int
+) -> None:
+    """Per-source counts of a metadata build."""
+    table = Table(title="curate metadata build", title_justify="left", box=box.SIMPLE_HEAD)
+    for name, justify in (
+        ("source", "left"),
+        ("read", "right"),
+        ("added", "right"),
+        ("duplicates", "right"),
+        ("blank", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for s in sources:
+        table.add_row(s.name, str(s.read), str(s.added), str(s.duplicates), str(s.blank))
+    stdout_console.print(table)
+    stdout_console.print(f"{entries} entries written to {out}", highlight=False, soft_wrap=True)
+    if unmatchable:
+        stdout_console.print(
+            f"[yellow]{unmatchable} entries can never match with --match metaclip[/yellow] "
+            "(a , . ; : ? ! or ` not surrounded by spaces, e.g. 'U.S.'); "
+            "`curate metadata check` lists them",
+            highlight=False,
+            soft_wrap=True,
+        )

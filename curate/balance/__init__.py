@@ -1,0 +1,1 @@
+"""MetaCLIP-style metadata, caption matching, entry counting and balanced sampling."""

@@ -1,0 +1,496 @@
+"""The balance stage: captions in, per-unit matches, global entry counts, a balanced subset out.
+
+Two phases, so that the map part can run as many tasks (Slurm array, several machines) and the
+rest once:
+
+1. ``match`` (map, per unit): captions of one shard or table → ``OUT/matches/<unit>.parquet``
+   with uid, shard, key, caption, the matched entry ids and the per-sample error. A unit whose
+   file records the same metadata hash, match mode, caption column and source signature is
+   skipped on a rerun. Units go to task ``i`` of ``k`` by position (``units[i::k]``).
+2. ``sample`` (reduce, once): read every unit's matches, mark later repeats of a uid as failed,
+   count entries over the pool, choose t, compute every text's keep probability, draw one
+   seeded uniform per uid (`sampling.uniform_draws`), and write
+   ``entry_counts.parquet`` (per entry: count before and after, sampling probability, expected
+   count after), ``decisions.parquet`` (every row: kept / dropped with reason / failed with
+   error, its keep probability), ``subset.parquet`` + ``subset.npy`` (the balanced subset, like
+   `curate select`'s) and ``balance.json`` (parameters and summary).
+
+The result depends on the inputs, the metadata, the mode, the rule for t and the seed only:
+not on the number of tasks or workers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from curate.balance.captions import CaptionUnit, read_unit, resolve_units
+from curate.balance.matching import Matcher, MatchMode
+from curate.balance.metadata import Metadata
+from curate.balance.sampling import (
+    DEFAULT_TAIL_SHARE,
+    ThresholdChoice,
+    count_entries,
+    entry_probabilities,
+    keep_probabilities,
+    tail_share,
+    threshold_for_size,
+    threshold_from_tail_share,
+    uniform_draws,
+)
+from curate.errors import InputError, RunFolderError
+from curate.io.uid_files import uids_to_pairs, write_datacomp_npy
+from curate.runtime.atomic import write_atomic, write_json_atomic
+
+MATCHES_DIR = "matches"
+ENTRY_COUNTS_TABLE = "entry_counts.parquet"
+DECISIONS_TABLE = "decisions.parquet"
+SUBSET_TABLE = "subset.parquet"
+SUBSET_NPY = "subset.npy"
+REPORT_JSON = "balance.json"
+MATCH_FORMAT = 1
+_META_KEY = b"curate.balance.match"
+HEAD_ROWS = 10
+
+
+@dataclass
+class BalanceSpec:
+    """How to balance: exactly one of `t`, `target_size` may be set; else `tail_share` is used."""
+
+    t: float | None = None
+    tail_share: float = DEFAULT_TAIL_SHARE
+    target_size: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.t is not None and self.target_size is not None:
+            raise InputError("give at most one of --t and --target-size")
+        if self.t is not None and not self.t > 0:
+            raise InputError(f"--t must be positive, got {self.t}")
+        if self.target_size is not None and self.target_size <= 0:
+            raise InputError(f"--target-size must be positive, got {self.target_size}")
+        if not 0.0 < self.tail_share < 1.0:
+            raise InputError(f"--tail-share must be between 0 and 1, got {self.tail_share}")
+
+
+@dataclass
+class MatchReport:
+    """What the match phase did in this task."""
+
+    units: int
+    matched_now: int
+    skipped: int
+    samples: int
+    failed: int
+    seconds: float
+
+
+@dataclass
+class EntryRow:
+    """One entry of the head table printed in the summary."""
+
+    entry_id: int
+    entry: str
+    before: int
+    after: int
+    probability: float
+
+
+@dataclass
+class CountBucket:
+    """Entries whose pool count falls in [low, high): how many, and their matches before/after."""
+
+    low: int
+    high: int | None
+    entries: int
+    matches_before: int
+    matches_after: int
+
+
+@dataclass
+class BalanceReport:
+    """The numbers of one balance run (also written to balance.json)."""
+
+    source: str
+    out: str
+    metadata: str
+    metadata_sha256: str
+    entries: int
+    mode: str
+    seed: int
+    units: int
+    rows: int
+    failed: int
+    failures: dict[str, int]
+    matched: int  # texts that match at least one entry
+    kept: int
+    expected_kept: float
+    t: float
+    t_rule: str
+    tail_share_target: float | None
+    tail_share_before: float
+    tail_share_after: float
+    entries_matched: int
+    head_entries: int  # entries with count >= t (the ones that get sampled down)
+    matches_before: int
+    matches_after: int
+    max_count_before: int
+    max_count_after: int
+    note: str | None = None
+    head: list[EntryRow] = field(default_factory=list)
+    buckets: list[CountBucket] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def matched_fraction(self) -> float:
+        pool = self.rows - self.failed
+        return self.matched / pool if pool else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["matched_fraction"] = self.matched_fraction
+        return data
+
+
+def match_signature(unit: CaptionUnit, metadata: Metadata, mode: MatchMode) -> dict[str, Any]:
+    """What a unit's match file must record to be reused."""
+    return {
+        "format": MATCH_FORMAT,
+        "metadata_sha256": metadata.sha256,
+        "entries": metadata.size,
+        "mode": mode.value,
+        "caption_column": unit.caption_column,
+        "source": unit.url,
+        "signature": unit.signature(),
+    }
+
+
+def _recorded_signature(path: Path) -> dict[str, Any] | None:
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[_META_KEY])
+    except Exception:  # missing, partial or foreign file: redo the unit
+        return None
+
+
+# Worker state: the automaton is built once per process (inherited on fork).
+_MATCHER: Matcher | None = None
+
+
+def _match_unit(unit: CaptionUnit, path: Path, signature: dict[str, Any]) -> tuple[int, int]:
+    """Match one unit's captions and write its match file; returns (rows, failed)."""
+    assert _MATCHER is not None
+    frame = read_unit(unit)
+    captions = frame["caption"].to_list()
+    ids = [[] if c is None else _MATCHER.match(c) for c in captions]
+    table = frame.with_columns(pl.Series("entry_ids", ids, dtype=pl.List(pl.Int32))).to_arrow()
+    table = table.replace_schema_metadata({_META_KEY: json.dumps(signature, sort_keys=True)})
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return frame.height, int(frame["error"].is_not_null().sum())
+
+
+def _init_worker(entries: list[str], mode: str) -> None:
+    global _MATCHER
+    if _MATCHER is None:
+        _MATCHER = Matcher(entries, mode)
+
+
+def match_units(
+    units: Sequence[CaptionUnit],
+    metadata: Metadata,
+    out: Path,
+    *,
+    mode: MatchMode = MatchMode.metaclip,
+    workers: int = 1,
+    task_index: int = 0,
+    num_tasks: int = 1,
+    on_unit: Callable[[int], None] | None = None,
+) -> MatchReport:
+    """The match phase for this task's units (`units[task_index::num_tasks]`)."""
+    global _MATCHER
+    if not 0 <= task_index < num_tasks:
+        raise InputError(f"--task-index must be in [0, {num_tasks}), got {task_index}")
+    start = time.perf_counter()
+    mine = list(units)[task_index::num_tasks]
+    folder = out / MATCHES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    todo: list[tuple[CaptionUnit, Path, dict[str, Any]]] = []
+    for unit in mine:
+        path = folder / f"{unit.name}.parquet"
+        signature = match_signature(unit, metadata, mode)
+        if path.is_file() and _recorded_signature(path) == signature:
+            continue
+        todo.append((unit, path, signature))
+    rows = failed = 0
+    if todo:
+        _MATCHER = Matcher(metadata.entries, mode)
+        if workers <= 1 or len(todo) == 1:
+            for unit, path, signature in todo:
+                n, bad = _match_unit(unit, path, signature)
+                rows, failed = rows + n, failed + bad
+                if on_unit:
+                    on_unit(n)
+        else:
+            # spawn, not fork: polars' thread pool does not survive a fork.
+            with ProcessPoolExecutor(
+                max_workers=min(workers, len(todo)),
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(metadata.entries, mode.value),
+            ) as pool:
+                futures = [pool.submit(_match_unit, *item) for item in todo]
+                for future in futures:
+                    n, bad = future.result()
+                    rows, failed = rows + n, failed + bad
+                    if on_unit:
+                        on_unit(n)
+    return MatchReport(
+        units=len(mine),
+        matched_now=len(todo),
+        skipped=len(mine) - len(todo),
+        samples=rows,
+        failed=failed,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _load_matches(
+    units: Sequence[CaptionUnit], metadata: Metadata, out: Path, mode: MatchMode
+) -> pl.DataFrame:
+    """Every unit's match rows in unit order; refuses when a unit is missing or stale."""
+    frames = []
+    missing: list[str] = []
+    for unit in units:
+        path = out / MATCHES_DIR / f"{unit.name}.parquet"
+        if not path.is_file() or _recorded_signature(path) != match_signature(unit, metadata, mode):
+            missing.append(unit.name)
+            continue
+        frames.append(pl.read_parquet(path, columns=["uid", "shard", "key", "error", "entry_ids"]))
+    if missing:
+        raise RunFolderError(
+            f"{len(missing)} of {len(units)} units have no current match file in "
+            f"{out / MATCHES_DIR} (first: {missing[0]}); run the match phase for them first"
+        )
+    return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
+
+
+def _failure_code(error: str) -> str:
+    return error.split(":", 1)[0]
+
+
+def sample_pool(
+    units: Sequence[CaptionUnit],
+    metadata: Metadata,
+    out: Path,
+    spec: BalanceSpec,
+    *,
+    mode: MatchMode = MatchMode.metaclip,
+    source: str = "",
+) -> BalanceReport:
+    """The sample phase: counts, t, keep probabilities, draws and every output file."""
+    start = time.perf_counter()
+    spec.validate()
+    frame = _load_matches(units, metadata, out, mode)
+    n = frame.height
+    if n == 0:
+        raise InputError(f"{source}: the source holds no samples")
+
+    # Uids: lower-case; later repeats and malformed ones are failures, like at score time.
+    uid = frame["uid"].str.to_lowercase()
+    errors = frame["error"]
+    valid = uid.str.contains(r"^[0-9a-f]{32}$").fill_null(False)
+    errors = (
+        pl.DataFrame({"e": errors, "valid": valid, "first": uid.is_first_distinct()})
+        .select(
+            pl.when(pl.col("e").is_not_null())
+            .then(pl.col("e"))
+            .when(~pl.col("valid"))
+            .then(pl.lit("bad_uid: uid is not 32 hex characters"))
+            .when(~pl.col("first"))
+            .then(pl.lit("duplicate_uid: the uid appeared earlier in the pool"))
+        )
+        .to_series()
+    )
+    ok = errors.is_null().to_numpy()
+
+    lists = frame["entry_ids"]
+    lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
+    lengths[~ok] = 0
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat_all = lists.explode().drop_nulls().to_numpy().astype(np.int64)
+    all_lengths = lists.list.len().fill_null(0).to_numpy()
+    keep_rows = np.repeat(ok, all_lengths)
+    entry_ids = flat_all[keep_rows] if flat_all.size else flat_all
+    counts = count_entries(entry_ids, metadata.size)
+
+    choice = _choose_threshold(spec, offsets, entry_ids, counts)
+    t = choice.t
+    probability = keep_probabilities(offsets, entry_ids, counts, t)
+    pairs = uids_to_pairs(
+        [u if good else "0" * 32 for u, good in zip(uid.to_list(), ok, strict=True)]
+    )
+    draws = uniform_draws(pairs, spec.seed)
+    matched = ok & (lengths > 0)
+    kept = matched & (draws < probability)
+
+    rows_of = np.repeat(np.arange(n), lengths)
+    after = count_entries(entry_ids[kept[rows_of]], metadata.size)
+    expected_after = np.bincount(entry_ids, weights=probability[rows_of], minlength=metadata.size)
+
+    status = np.where(kept, "kept", np.where(ok, "dropped", "failed"))
+    reason = pl.Series(
+        np.where(
+            ok & ~matched, "no_match", np.where(matched & ~kept, "not_sampled", None)
+        ).tolist(),
+        dtype=pl.String,
+    )
+    decisions = pl.DataFrame(
+        {
+            "uid": uid,
+            "shard": frame["shard"],
+            "key": frame["key"],
+            "status": status.tolist(),
+            "reason": pl.Series(
+                [e if e is not None else r for e, r in zip(errors, reason, strict=True)],
+                dtype=pl.String,
+            ),
+            "matches": lengths.astype(np.int32),
+            "keep_prob": np.where(ok, probability, np.nan),
+        }
+    )
+    subset = decisions.filter(pl.col("status") == "kept").select(
+        "uid", "shard", "key", "matches", "keep_prob"
+    )
+    entry_table = pl.DataFrame(
+        {
+            "entry_id": np.arange(metadata.size, dtype=np.int32),
+            "entry": metadata.entries,
+            "count": counts,
+            "count_after": after,
+            "probability": entry_probabilities(counts, t),
+            "expected_after": expected_after,
+        }
+    )
+
+    failures = Counter(_failure_code(e) for e in errors.drop_nulls().to_list())
+    report = BalanceReport(
+        source=source,
+        out=str(out),
+        metadata=str(metadata.path),
+        metadata_sha256=metadata.sha256,
+        entries=metadata.size,
+        mode=mode.value,
+        seed=spec.seed,
+        units=len(units),
+        rows=n,
+        failed=int((~ok).sum()),
+        failures=dict(sorted(failures.items())),
+        matched=int(matched.sum()),
+        kept=int(kept.sum()),
+        expected_kept=float(probability[ok].sum()),
+        t=t,
+        t_rule=choice.rule,
+        tail_share_target=spec.tail_share if choice.rule == "tail_share" else None,
+        tail_share_before=choice.tail_share,
+        tail_share_after=tail_share(after, t),
+        entries_matched=int((counts > 0).sum()),
+        head_entries=int((counts >= t).sum()),
+        matches_before=int(counts.sum()),
+        matches_after=int(after.sum()),
+        max_count_before=int(counts.max(initial=0)),
+        max_count_after=int(after.max(initial=0)),
+        note=choice.note,
+        head=_head_rows(metadata.entries, counts, after, t),
+        buckets=_buckets(counts, after),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / ENTRY_COUNTS_TABLE, lambda tmp: entry_table.write_parquet(tmp))
+    write_atomic(out / DECISIONS_TABLE, lambda tmp: decisions.write_parquet(tmp))
+    write_atomic(out / SUBSET_TABLE, lambda tmp: subset.write_parquet(tmp))
+    write_datacomp_npy(out / SUBSET_NPY, subset["uid"].to_list())
+    report.seconds = time.perf_counter() - start
+    record = {
+        "spec": asdict(spec),
+        "report": {k: v for k, v in report.to_json().items() if k != "seconds"},
+    }
+    write_json_atomic(out / REPORT_JSON, record)
+    return report
+
+
+def _choose_threshold(
+    spec: BalanceSpec, offsets: np.ndarray, entry_ids: np.ndarray, counts: np.ndarray
+) -> ThresholdChoice:
+    if spec.t is not None:
+        return ThresholdChoice(t=float(spec.t), rule="given", tail_share=tail_share(counts, spec.t))
+    if spec.target_size is not None:
+        return threshold_for_size(offsets, entry_ids, counts, spec.target_size)
+    return threshold_from_tail_share(counts, spec.tail_share)
+
+
+def _head_rows(
+    entries: Sequence[str], counts: np.ndarray, after: np.ndarray, t: float
+) -> list[EntryRow]:
+    """The most matched entries (count descending, then id)."""
+    order = np.lexsort((np.arange(len(counts)), -counts))[:HEAD_ROWS]
+    probability = entry_probabilities(counts, t)
+    return [
+        EntryRow(int(i), entries[i], int(counts[i]), int(after[i]), float(probability[i]))
+        for i in order
+        if counts[i] > 0
+    ]
+
+
+def _buckets(counts: np.ndarray, after: np.ndarray) -> list[CountBucket]:
+    """Entries grouped by pool count in decades: [1, 10), [10, 100), ..."""
+    top = int(counts.max(initial=0))
+    buckets = []
+    low = 1
+    while low <= top:
+        high = low * 10
+        inside = (counts >= low) & (counts < high)
+        buckets.append(
+            CountBucket(
+                low=low,
+                high=high,
+                entries=int(inside.sum()),
+                matches_before=int(counts[inside].sum()),
+                matches_after=int(after[inside].sum()),
+            )
+        )
+        low = high
+    return buckets
+
+
+def balance(
+    source: str | Sequence[str],
+    metadata: Metadata,
+    out: Path,
+    spec: BalanceSpec,
+    *,
+    mode: MatchMode = MatchMode.metaclip,
+    caption_column: str | None = None,
+    workers: int = 1,
+    on_unit: Callable[[int], None] | None = None,
+    on_units: Callable[[int], None] | None = None,
+) -> tuple[MatchReport, BalanceReport]:
+    """Both phases in this process (and `workers` processes for matching)."""
+    spec.validate()
+    units = resolve_units(source, caption_column)
+    if on_units:
+        on_units(len(units))
+    matched = match_units(units, metadata, out, mode=mode, workers=workers, on_unit=on_unit)
+    label = source if isinstance(source, str) else " ".join(source)
+    report = sample_pool(units, metadata, out, spec, mode=mode, source=label)
+    return matched, report

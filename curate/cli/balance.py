@@ -1,0 +1,190 @@
+"""`curate balance`: MetaCLIP-style balancing of a pool over metadata entries."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from curate.balance.matching import MatchMode
+from curate.balance.sampling import DEFAULT_TAIL_SHARE
+from curate.cli import options as opt
+from curate.cli.report import balance_summary, match_summary, print_json
+from curate.errors import InputError
+
+
+class Phase(str, Enum):
+    all = "all"
+    match = "match"
+    sample = "sample"
+
+
+def balance_command(
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="Shards (folder, glob, brace pattern, list file, URL), a run folder (its "
+            "scores.parquet), or parquet tables with uid and caption/text columns.",
+            show_default=False,
+        ),
+    ],
+    metadata: Annotated[
+        Path,
+        typer.Option(
+            "--metadata",
+            "-m",
+            help="Metadata: a JSON list of strings (MetaCLIP's metadata.json) or a text file "
+            "with one entry per line; the position is the entry id. Build one with "
+            "`curate metadata build`.",
+            show_default=False,
+            rich_help_panel="Metadata",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder: matches/ per unit, entry_counts.parquet, decisions.parquet, "
+            "subset.parquet + subset.npy, balance.json. Rerunning into it resumes.",
+            rich_help_panel="Output",
+        ),
+    ] = Path("curate-balance"),
+    match: Annotated[
+        MatchMode,
+        typer.Option(
+            "--match",
+            help="metaclip: MetaCLIP's exact rule (case-sensitive; ' '+entry+' ' in the text "
+            "padded with spaces and spaced , . ; : ? ! `). words: Unicode word boundaries and "
+            "case folding (dog matches 'Dog-friendly').",
+            rich_help_panel="Metadata",
+        ),
+    ] = MatchMode.metaclip,
+    t: Annotated[
+        float | None,
+        typer.Option(
+            "--t",
+            help="Balancing threshold: a text is kept with probability 1 − Π(1 − min(1, "
+            "t/count)) over its matched entries. MetaCLIP: 20000 for 400M of a 1.6B pool.",
+            rich_help_panel="Balancing",
+        ),
+    ] = None,
+    tail_share: Annotated[
+        float,
+        typer.Option(
+            "--tail-share",
+            help="Without --t / --target-size: the smallest t whose entries below t hold this "
+            "share of all matches (MetaCLIP's choice is about 0.06).",
+            rich_help_panel="Balancing",
+        ),
+    ] = DEFAULT_TAIL_SHARE,
+    target_size: Annotated[
+        int | None,
+        typer.Option(
+            "--target-size",
+            help="Choose t so that the expected number of kept texts is this.",
+            rich_help_panel="Balancing",
+        ),
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the keep draws (one per uid; the same for any split into tasks).",
+            rich_help_panel="Balancing",
+        ),
+    ] = 0,
+    caption_column: Annotated[
+        str | None,
+        typer.Option(
+            "--caption-column",
+            help="Caption column of parquet inputs (default: caption, else text).",
+            rich_help_panel="Input",
+        ),
+    ] = None,
+    phase: Annotated[
+        Phase,
+        typer.Option(
+            help="all: match then sample. match: only this task's units (for job arrays). "
+            "sample: counts, t and draws over every unit's matches (once, after all tasks).",
+            rich_help_panel="Cluster",
+        ),
+    ] = Phase.all,
+    num_tasks: Annotated[
+        int,
+        typer.Option(
+            "--num-tasks", min=1, help="Tasks sharing the match phase.", rich_help_panel="Cluster"
+        ),
+    ] = 1,
+    task_index: Annotated[
+        int | None,
+        typer.Option(
+            "--task-index",
+            min=0,
+            help="This task's index (default: $SLURM_ARRAY_TASK_ID, else 0).",
+            rich_help_panel="Cluster",
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option("--workers", min=1, help="Processes matching units.", rich_help_panel="Speed"),
+    ] = 1,
+    no_progress: opt.NoProgressOpt = False,
+    as_json: opt.JsonOpt = False,
+) -> None:
+    """Balance the pool over metadata entries, MetaCLIP style: count how many texts match each
+    entry over the whole pool, then keep each text with probability 1 − Π(1 − min(1, t/count))
+    over the entries it matches (texts matching nothing are dropped). Head entries are capped
+    near t, tail entries are kept whole. The balanced subset (OUT/subset.npy, or OUT itself) goes
+    to `curate write --subset` or `curate select --intersect` like any other.
+
+    On a cluster: run `--phase match --num-tasks K` as K tasks, then `--phase sample` once.
+    """
+    import os
+
+    from curate.balance.captions import resolve_units
+    from curate.balance.metadata import load_metadata
+    from curate.balance.stage import BalanceSpec, match_units, sample_pool
+    from curate.runtime.progress import progress_bar, scoring_status
+
+    spec = BalanceSpec(t=t, tail_share=tail_share, target_size=target_size, seed=seed)
+    spec.validate()
+    if task_index is None:
+        task_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
+    if num_tasks > 1 and phase is Phase.all:
+        raise InputError(
+            "with --num-tasks > 1 run --phase match in each task, then --phase sample once"
+        )
+    meta = load_metadata(metadata)
+    units = resolve_units(sources, caption_column)
+    if phase in (Phase.all, Phase.match):
+        mine = len(units[task_index::num_tasks])
+        with progress_bar("matching", total_shards=mine, enabled=not no_progress) as bar:
+
+            def advance(samples: int) -> None:
+                bar.advance_samples(samples)
+                bar.advance_shard()
+
+            matched = match_units(
+                units,
+                meta,
+                out,
+                mode=match,
+                workers=workers,
+                task_index=task_index,
+                num_tasks=num_tasks,
+                on_unit=advance,
+            )
+        if phase is Phase.match:
+            if as_json:
+                print_json(vars(matched))
+            else:
+                match_summary(matched, out)
+            return
+    with scoring_status("counting entries and sampling", enabled=not no_progress):
+        report = sample_pool(units, meta, out, spec, mode=match, source=" ".join(sources))
+    if as_json:
+        print_json(report.to_json())
+    else:
+        balance_summary(report)
