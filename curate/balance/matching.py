@@ -62,18 +62,23 @@ def _is_word_char(ch: str) -> bool:
 def never_matches(entry: str, mode: MatchMode | str = MatchMode.metaclip) -> bool:
     """True when no caption at all can match `entry` under `mode`.
 
-    Under ``metaclip`` a padded text contains no tab/newline/CR and has a space on both sides of
-    every mark, so ``" " + entry + " "`` must have the same property to ever occur in one.
-    Under ``words`` only an entry that case-folds to nothing can never match.
+    Under ``metaclip`` a padded text contains no tab/newline/CR, and every mark has a space of
+    its own on each side (two marks are at least three characters apart), so
+    ``" " + entry + " "`` must have the same property to ever occur in one. Under ``words`` only
+    an entry that case-folds to nothing can never match.
     """
     if MatchMode(mode) is MatchMode.words:
         return not entry.casefold()
     padded = f" {entry} "
     if any(ch in padded for ch in SPACED_CHARS):
         return True
+    previous_mark = -3
     for i, ch in enumerate(padded):
-        if ch in PADDED_MARKS and (padded[i - 1] != " " or padded[i + 1] != " "):
+        if ch not in PADDED_MARKS:
+            continue
+        if padded[i - 1] != " " or padded[i + 1] != " " or i - previous_mark < 3:
             return True
+        previous_mark = i
     return False
 
 

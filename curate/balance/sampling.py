@@ -14,7 +14,9 @@ entries of text i are ``entry_ids[offsets[i]:offsets[i + 1]]``, distinct.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -109,9 +111,12 @@ def threshold_from_tail_share(
     values, per_value = np.unique(counts, return_counts=True)
     cumulative = np.cumsum(values * per_value)
     total = int(cumulative[-1])
-    # Integer comparison avoids float trouble at exact shares: cumulative ≥ share · total.
-    reached = np.nonzero(cumulative >= share * total)[0]
-    v = int(values[reached[0]])
+    # Exact comparison cumulative ≥ share · total, with the share read as the decimal it is
+    # written as (0.07 · 100 is 7.000000000000001 in floats), in Python integers.
+    exact = Fraction(repr(share))
+    needed = exact.numerator * total
+    sums = [int(c) * exact.denominator for c in cumulative]
+    v = int(values[bisect.bisect_left(sums, needed)])
     t = float(v + 1)
     return ThresholdChoice(t=t, rule="tail_share", tail_share=tail_share(counts, t))
 

@@ -78,7 +78,11 @@ def demo_command(
         f"  python -m open_clip_train.main --model local-dir:{out}/open_clip "
         f"--dataset-type webdataset --train-data '<printed by curate write>' "
         "--train-num-samples <printed> --batch-size 32 --epochs 1 --precision fp32 "
-        "--workers 1 --lr 1e-4 --warmup 1",
+        "--workers 1 --lr 1e-4 --warmup 1\n"
+        "or balance the pool over metadata mined from its captions (MetaCLIP):\n"
+        f"  curate metadata build --corpus {out}/shards --min-unigram-count 20 "
+        f"--min-bigram-pmi 2 --out {out}/metadata.json\n"
+        f"  curate balance {out}/shards --metadata {out}/metadata.json --out {out}/balanced",
         highlight=False,
         soft_wrap=True,
     )
