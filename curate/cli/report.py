@@ -34,6 +34,12 @@ _QUANTILE_LABELS = {
 }
 
 
+def _add_columns(table: Table, *columns: tuple[str, str]) -> None:
+    """Columns as (header, justify) pairs."""
+    for name, justify in columns:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -109,14 +115,14 @@ def select_summary(report: SelectReport) -> None:
     stdout_console.print(head)
     if report.steps:
         steps = Table(title="steps", title_justify="left", box=box.SIMPLE_HEAD)
-        for name, justify in (
+        _add_columns(
+            steps,
             ("step", "left"),
             ("before", "right"),
             ("after", "right"),
             ("threshold", "right"),
             ("note", "left"),
-        ):
-            steps.add_column(name, justify=justify)  # type: ignore[arg-type]
+        )
         for s in report.steps:
             steps.add_row(s.step, str(s.before), str(s.after), _fmt(s.threshold), s.note or "")
         stdout_console.print(steps)
@@ -208,14 +214,14 @@ def balance_summary(report: BalanceReport) -> None:
         stdout_console.print(f"[yellow]{report.note}[/yellow]", highlight=False)
     if report.head:
         top = Table(title="head: most matched entries", title_justify="left", box=box.SIMPLE_HEAD)
-        for name, justify in (
+        _add_columns(
+            top,
             ("id", "right"),
             ("entry", "left"),
             ("before", "right"),
             ("after", "right"),
             ("min(1, t/count)", "right"),
-        ):
-            top.add_column(name, justify=justify)  # type: ignore[arg-type]
+        )
         for row in report.head:
             top.add_row(
                 str(row.entry_id),
@@ -254,14 +260,14 @@ def metadata_build_summary(
 ) -> None:
     """Per-source counts of a metadata build."""
     table = Table(title="curate metadata build", title_justify="left", box=box.SIMPLE_HEAD)
-    for name, justify in (
+    _add_columns(
+        table,
         ("source", "left"),
         ("read", "right"),
         ("added", "right"),
         ("duplicates", "right"),
         ("blank", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    )
     for s in sources:
         table.add_row(s.name, str(s.read), str(s.added), str(s.duplicates), str(s.blank))
     stdout_console.print(table)
