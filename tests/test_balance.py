@@ -18,7 +18,6 @@ import pytest
 from clikit import run_cli
 from shardkit import make_image_bytes, make_shard, sample_members, write_tar
 
-from curate.balance.captions import read_unit, resolve_units
 from curate.balance.matching import pad_text
 from curate.balance.metadata import load_metadata, save_metadata
 from curate.balance.stage import (
@@ -34,6 +33,7 @@ from curate.balance.stage import (
     sample_pool,
 )
 from curate.errors import InputError, RunFolderError
+from curate.io.captions import read_unit, resolve_units
 from curate.io.uid_files import read_uid_file
 
 CONCEPTS = [f"concept{i}" for i in range(40)]

@@ -35,7 +35,6 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from curate.balance.captions import CaptionUnit, read_unit, resolve_units
 from curate.balance.matching import Matcher, MatchMode
 from curate.balance.metadata import Metadata
 from curate.balance.sampling import (
@@ -50,6 +49,7 @@ from curate.balance.sampling import (
     uniform_draws,
 )
 from curate.errors import InputError, RunFolderError
+from curate.io.captions import CaptionUnit, read_unit, resolve_units
 from curate.io.uid_files import uids_to_pairs, write_datacomp_npy
 from curate.runtime.atomic import write_atomic, write_json_atomic
 

@@ -148,9 +148,9 @@ def balance_command(
     """
     import os
 
-    from curate.balance.captions import resolve_units
     from curate.balance.metadata import load_metadata
     from curate.balance.stage import BalanceSpec, match_units, sample_pool
+    from curate.io.captions import resolve_units
     from curate.runtime.progress import progress_bar, scoring_status
 
     spec = BalanceSpec(t=t, tail_share=tail_share, target_size=target_size, seed=seed)

@@ -22,7 +22,7 @@ metadata_app = typer.Typer(
 
 def _corpus_captions(sources: list[str], caption_column: str | None) -> list[str]:
     """Captions of every usable sample of the corpus sources (failures are skipped)."""
-    from curate.balance.captions import read_unit, resolve_units
+    from curate.io.captions import read_unit, resolve_units
 
     captions: list[str] = []
     for unit in resolve_units(sources, caption_column):
