@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from curate.balance.build import SourceCount
     from curate.balance.stage import BalanceReport, MatchReport
     from curate.embedding.stage import EmbedReport
+    from curate.rewrite.stage import RewriteReport
     from curate.scoring.stage import ScoreReport
     from curate.selection.stage import SelectReport
     from curate.writing.stage import WriteReport
@@ -280,3 +281,26 @@ def metadata_build_summary(
             highlight=False,
             soft_wrap=True,
         )
+
+
+def rewrite_summary(report: RewriteReport) -> None:
+    """Where every sample's rewrites stand, and what this run sent."""
+    table = Table(title="curate rewrite", show_header=False, title_justify="left")
+    table.add_row("backend / model", f"{report.backend} / {report.model}")
+    table.add_row("prompt version", report.prompt_version)
+    table.add_row("units / samples", f"{report.units} / {report.samples}")
+    table.add_row("input rows failed", str(report.samples_failed))
+    table.add_row(f"all {report.num_rewrites} rewrites", str(report.ok))
+    table.add_row("some rewrites", str(report.partial))
+    table.add_row("no rewrite", str(report.failed))
+    table.add_row("rewrites", str(report.rewrites))
+    for reason, n in report.reasons.items():
+        table.add_row(f"  {reason}", str(n))
+    table.add_row("requests run now / from cache", f"{report.requests_sent} / {report.cached}")
+    table.add_row("seconds", f"{report.seconds:.1f}")
+    stdout_console.print(table)
+    stdout_console.print(
+        f"rewrites: {report.out}/rewrites/*.parquet (joined by uid)",
+        highlight=False,
+        soft_wrap=True,
+    )

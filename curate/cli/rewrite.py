@@ -1,0 +1,242 @@
+"""`curate rewrite`: LaCLIP-style caption rewrites through an OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from curate.cli import options as opt
+from curate.cli.report import print_json, rewrite_summary
+from curate.errors import InputError
+
+
+class BackendChoice(str, Enum):
+    openai = "openai"
+    rules = "rules"
+    vllm = "vllm"
+
+
+class ApiChoice(str, Enum):
+    chat = "chat"
+    completions = "completions"
+
+
+def rewrite_command(
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="Shards (folder, glob, brace pattern, list file, URL), a run folder, or "
+            "parquet tables with uid and caption/text columns.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder: rewrites/<unit>.parquet, cache.sqlite (resume), rewrite.json.",
+            rich_help_panel="Output",
+        ),
+    ] = Path("curate-rewrites"),
+    backend: Annotated[
+        BackendChoice,
+        typer.Option(
+            help="openai: any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama). "
+            "rules: offline word-level paraphrase from a small synonym table — a weak fallback "
+            "for demos and tests, not a language model.",
+            rich_help_panel="Backend",
+        ),
+    ] = BackendChoice.openai,
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--base-url",
+            help="Server URL up to /v1, e.g. http://gpu-node:8000/v1 (vllm serve MODEL).",
+            rich_help_panel="Backend",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Model name the server serves.", rich_help_panel="Backend"),
+    ] = None,
+    api: Annotated[
+        ApiChoice,
+        typer.Option(
+            help="chat: /v1/chat/completions with the examples as turns (chat models). "
+            "completions: /v1/completions with 'source => target' lines (base models).",
+            rich_help_panel="Backend",
+        ),
+    ] = ApiChoice.chat,
+    api_key_env: Annotated[
+        str,
+        typer.Option(
+            "--api-key-env",
+            help="Environment variable holding the API key (sent as a Bearer token; never "
+            "printed or written).",
+            rich_help_panel="Backend",
+        ),
+    ] = "OPENAI_API_KEY",
+    num_rewrites: Annotated[
+        int,
+        typer.Option(
+            "--num-rewrites", min=1, help="Rewrites per caption.", rich_help_panel="Rewrites"
+        ),
+    ] = 4,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="Prompt file (JSON: instruction, k, banks of [source, target] pairs per style) "
+            "replacing the built-in one; its hash is recorded with every output.",
+            rich_help_panel="Rewrites",
+        ),
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature.", rich_help_panel="Rewrites")
+    ] = 0.9,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.", rich_help_panel="Rewrites")] = (
+        0.95
+    ),
+    max_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens",
+            min=1,
+            help="LLM tokens to generate; rewrites longer than CLIP's 77 tokens are rejected.",
+            rich_help_panel="Rewrites",
+        ),
+    ] = 77,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the example choice per caption and of the per-request seed.",
+            rich_help_panel="Rewrites",
+        ),
+    ] = 0,
+    caption_column: Annotated[
+        str | None,
+        typer.Option(
+            "--caption-column",
+            help="Caption column of parquet inputs (default: caption, else text).",
+            rich_help_panel="Input",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int,
+        typer.Option(min=1, help="Requests in flight at once.", rich_help_panel="Robustness"),
+    ] = 64,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds per request.", rich_help_panel="Robustness")
+    ] = 60.0,
+    max_retries: Annotated[
+        int,
+        typer.Option(
+            "--max-retries",
+            min=0,
+            help="Retries of a request on 429, 5xx, timeouts and connection errors "
+            "(exponential backoff with jitter).",
+            rich_help_panel="Robustness",
+        ),
+    ] = 6,
+    max_invalid: Annotated[
+        int,
+        typer.Option(
+            "--max-invalid",
+            min=0,
+            help="New tries after an invalid output (empty, identical, multi-line, too long, "
+            "refusal, boilerplate) before the rewrite is recorded as failed.",
+            rich_help_panel="Robustness",
+        ),
+    ] = 3,
+    max_error_rate: Annotated[
+        float,
+        typer.Option(
+            "--max-error-rate",
+            help="Stop when more than this share of the last 200 requests failed.",
+            rich_help_panel="Robustness",
+        ),
+    ] = 0.5,
+    no_progress: opt.NoProgressOpt = False,
+    as_json: opt.JsonOpt = False,
+) -> None:
+    """Rewrite captions with a language model, LaCLIP style: an instruction, k example pairs
+    drawn per caption (seeded) from example banks in several styles, then the caption. Every
+    sample ends with its rewrites or a recorded reason. Results are cached per request, so a
+    rerun (after a crash, kill or server outage) sends only what is missing.
+    """
+    from curate.rewrite.backends import OpenAIBackend, RulesBackend, SamplingParams
+    from curate.rewrite.engine import EngineOptions
+    from curate.rewrite.prompts import load_prompts
+    from curate.rewrite.stage import RewriteOptions, rewrite_source
+    from curate.runtime.progress import progress_bar
+
+    template = load_prompts(prompts)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    if backend is BackendChoice.vllm:
+        raise InputError(
+            "--backend vllm (in-process) is not available yet; run `vllm serve MODEL` and use "
+            "--backend openai --base-url http://HOST:8000/v1 --model MODEL"
+        )
+    if backend is BackendChoice.openai:
+        if not base_url or not model:
+            raise InputError(
+                "--backend openai needs --base-url and --model (or use --backend rules offline)"
+            )
+        chosen = OpenAIBackend(
+            base_url,
+            model,
+            template,
+            api=api.value,
+            params=params,
+            api_key_env=api_key_env,
+            timeout=timeout,
+            concurrency=concurrency,
+            seed=seed,
+        )
+        where = base_url
+    else:
+        chosen = RulesBackend(seed=seed)
+        where = "the rules backend"
+    options = RewriteOptions(
+        num_rewrites=num_rewrites,
+        params=params,
+        engine=EngineOptions(
+            concurrency=concurrency,
+            max_retries=max_retries,
+            max_invalid=max_invalid,
+            max_error_rate=max_error_rate,
+            seed=seed,
+        ),
+        seed=seed,
+    )
+    with progress_bar("rewriting", total_shards=0, enabled=not no_progress) as bar:
+        state = {"units": 0, "done": 0, "samples": 0}
+
+        def on_units(units: int, _requests: int) -> None:
+            state["units"] = units
+            bar.set(0, units, 0)
+
+        def on_unit(samples: int) -> None:
+            state["done"] += 1
+            state["samples"] += samples
+            bar.set(state["done"], state["units"], state["samples"])
+
+        report = rewrite_source(
+            sources,
+            chosen,
+            template,
+            out,
+            options,
+            caption_column=caption_column,
+            where=where,
+            on_unit=on_unit,
+            on_units=on_units,
+        )
+    if as_json:
+        print_json(report.to_json())
+    else:
+        rewrite_summary(report)

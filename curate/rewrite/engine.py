@@ -1,0 +1,195 @@
+"""Sending rewrite requests: bounded concurrency, retries with backoff, validation, a breaker.
+
+Every job (uid, rewrite index, caption) ends as a valid rewrite or a failure with a reason:
+
+- transport trouble (429, 5xx, timeouts, dropped connections, malformed bodies) is retried up
+  to `max_retries` times, waiting `backoff · 2^k` seconds (at most `max_backoff`) with full
+  jitter; a job that still fails ends as ``failed: <code>`` and is not cached, so a rerun
+  tries it again;
+- an output that fails validation (empty, identical, multi-line, too long, refusal,
+  boilerplate) is asked for again up to `max_invalid` times, then ends as ``invalid: <reason>``
+  and is cached;
+- a non-retryable error (401, 404, other 4xx) stops the run with one line, as does a server
+  that stays unreachable or answers errors to more than `max_error_rate` of the last
+  `error_window` requests.
+
+Valid results and invalid ones are written to the cache as they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from curate.errors import CurateError
+from curate.rewrite.backends import Backend, BackendError
+from curate.rewrite.cache import CachedResult, RequestCache
+from curate.rewrite.validate import check_rewrite, clean_output
+
+__all__ = ["EngineOptions", "Job", "RewriteAborted", "run_jobs", "run_jobs_async"]
+
+
+class RewriteAborted(CurateError):
+    """The server is unreachable, refuses the requests, or fails too often to go on."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request to make: rewrite `index` of the caption of `uid`, cached under `key`."""
+
+    key: str
+    uid: str
+    index: int
+    caption: str
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Concurrency, retry and stop settings."""
+
+    concurrency: int = 64
+    max_retries: int = 6
+    max_invalid: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    error_window: int = 200
+    max_error_rate: float = 0.5
+    seed: int = 0  # jitter only; outputs never depend on it
+
+
+class _Breaker:
+    """Recent request outcomes; trips when errors dominate or nothing ever got through."""
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+        self.recent: deque[bool] = deque(maxlen=options.error_window)
+        self.ever_ok = False
+        self.last_error = ""
+
+    def record(self, ok: bool, error: str = "") -> None:
+        self.recent.append(ok)
+        self.ever_ok = self.ever_ok or ok
+        if not ok:
+            self.last_error = error
+
+    def check(self, url: str) -> None:
+        n = len(self.recent)
+        failures = n - sum(self.recent)
+        if not self.ever_ok and failures >= min(20, self.options.error_window):
+            raise RewriteAborted(
+                f"no request to {url} has succeeded ({failures} tries); last error: "
+                f"{self.last_error}"
+            )
+        if n >= min(50, self.options.error_window) and failures / n > self.options.max_error_rate:
+            raise RewriteAborted(
+                f"{failures} of the last {n} requests to {url} failed (over "
+                f"{self.options.max_error_rate:.0%}); last error: {self.last_error}"
+            )
+
+
+async def _one_job(
+    job: Job,
+    backend: Backend,
+    options: EngineOptions,
+    breaker: _Breaker,
+    rng: random.Random,
+    validator: Callable[[str, str], str | None],
+    where: str,
+) -> tuple[CachedResult, bool]:
+    """The result of one job and whether to cache it."""
+    invalid = transport = attempts = 0
+    last_reason = ""
+    while True:
+        attempts += 1
+        try:
+            raw = await backend.generate(job.caption, uid=job.uid, index=job.index, attempt=invalid)
+        except BackendError as exc:
+            breaker.record(False, str(exc))
+            if not exc.retryable:
+                raise RewriteAborted(f"{where} refused the request: {exc}") from exc
+            breaker.check(where)
+            transport += 1
+            if transport > options.max_retries:
+                return CachedResult(None, f"failed: {exc.code}", attempts), False
+            delay = min(options.max_backoff, options.backoff * 2 ** (transport - 1))
+            await asyncio.sleep(rng.uniform(0, delay))
+            continue
+        breaker.record(True)
+        text = clean_output(raw)
+        reason = validator(job.caption, text)
+        if reason is None:
+            return CachedResult(text, None, attempts), True
+        invalid += 1
+        last_reason = reason
+        if invalid > options.max_invalid:
+            return CachedResult(None, f"invalid: {last_reason}", attempts), True
+
+
+async def run_jobs_async(
+    jobs: Sequence[Job],
+    backend: Backend,
+    cache: RequestCache,
+    options: EngineOptions,
+    *,
+    where: str,
+    on_done: Callable[[Job, CachedResult], None] | None = None,
+    validator: Callable[[str, str], str | None] | None = None,
+) -> dict[str, CachedResult]:
+    """Run `jobs` against `backend` in the running event loop; results by job key."""
+    validator = validator or (lambda original, text: check_rewrite(original, text))
+    if not jobs:
+        return {}
+    results: dict[str, CachedResult] = {}
+    breaker = _Breaker(options)
+    rng = random.Random(options.seed)
+    queue: asyncio.Queue[Job] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+
+    async def worker() -> None:
+        while True:
+            try:
+                job = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            result, keep = await _one_job(job, backend, options, breaker, rng, validator, where)
+            if keep:
+                cache.put(job.key, result)
+            results[job.key] = result
+            if on_done:
+                on_done(job, result)
+
+    workers = [asyncio.create_task(worker()) for _ in range(min(options.concurrency, len(jobs)))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    return results
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    backend: Backend,
+    cache: RequestCache,
+    options: EngineOptions,
+    *,
+    where: str,
+    on_done: Callable[[Job, CachedResult], None] | None = None,
+    validator: Callable[[str, str], str | None] | None = None,
+) -> dict[str, CachedResult]:
+    """`run_jobs_async` in a fresh event loop (closes the backend at the end)."""
+
+    async def main() -> dict[str, CachedResult]:
+        try:
+            return await run_jobs_async(
+                jobs, backend, cache, options, where=where, on_done=on_done, validator=validator
+            )
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(main())
