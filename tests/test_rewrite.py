@@ -319,3 +319,44 @@ def test_killed_run_resumes_without_resending(tmp_path: Path) -> None:
     assert total - first <= second <= total - first + 8
     table = read_rewrites(out)
     assert table.height == n and (table["status"] == "ok").all()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_write_adds_rewrites_to_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import webdataset as wds
+
+    from curate.demo.synthetic import generate_shards
+    from curate.io.uid_files import write_datacomp_npy
+
+    generate_shards(tmp_path / "shards", num_samples=60, samples_per_shard=30, seed=1)
+    code, _, err = run_cli(
+        [
+            "rewrite", str(tmp_path / "shards"), "--backend", "rules", "--num-rewrites", "3",
+            "-o", str(tmp_path / "rw"), "--no-progress",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    table = read_rewrites(tmp_path / "rw")
+    usable = table.filter(pl.col("status") == "ok")
+    write_datacomp_npy(tmp_path / "subset.npy", table["uid"].to_list())
+    code, out, err = run_cli(
+        [
+            "write", str(tmp_path / "shards"), "--subset", str(tmp_path / "subset.npy"),
+            "--rewrites", str(tmp_path / "rw"), "-o", str(tmp_path / "curated"), "--no-progress",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "uids with rewrites.json" in out
+    expected = {row["key"]: row["rewrites"] for row in usable.to_dicts()}
+    seen = {}
+    tars = sorted(str(p) for p in (tmp_path / "curated").glob("*.tar"))
+    for sample in wds.WebDataset(tars, shardshuffle=False):
+        if "rewrites.json" in sample:
+            payload = json.loads(sample["rewrites.json"])
+            seen[sample["__key__"]] = payload["rewrites"]
+            assert payload["prompt_version"] == table["prompt_version"][0]
+    assert seen == expected and len(seen) == usable.height > 0

@@ -146,6 +146,8 @@ def write_summary(report: WriteReport) -> None:
         table.add_row(f"failed: {code}", str(n))
     if report.zero_copies:
         table.add_row("zero copies (weight)", str(report.zero_copies))
+    if report.with_rewrites:
+        table.add_row("uids with rewrites.json", str(report.with_rewrites))
     if report.repeated_uids:
         table.add_row("repeated uids", str(report.repeated_uids))
         table.add_row("max copies of a uid in one shard", str(report.max_copies_in_one_shard))

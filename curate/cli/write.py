@@ -120,6 +120,16 @@ def write_command(
             rich_help_panel="Output",
         ),
     ] = None,
+    rewrites: Annotated[
+        Path | None,
+        typer.Option(
+            "--rewrites",
+            help="A curate rewrite output folder: each sample with rewrites gets a "
+            "<key>.rewrites.json member (the valid rewrites, model, prompt version), so a "
+            "loader can pick the original or a rewrite at random.",
+            rich_help_panel="Output",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -154,6 +164,7 @@ def write_command(
         duplicates=duplicates.value,
         repeats_column=repeats,
         with_columns=list(with_columns or []),
+        rewrites=str(rewrites) if rewrites else None,
         workers=workers,
         overwrite=overwrite,
     )

@@ -97,12 +97,11 @@ def cut_shards(
     *,
     max_samples: int,
     max_bytes: int | None,
-    extras: Mapping[str, bytes] | None = None,
-    extra_ext: str = "scores.json",
+    extras: Mapping[str, Sequence[tuple[str, bytes]]] | None = None,
 ) -> list[list[Entry]]:
     """Split the ordered copies into shards and give every copy its output key.
 
-    `extras` (member bytes by uid) are the members added to each copy as ``{key}.{extra_ext}``;
+    `extras` ((extension, bytes) members by uid) are added to each copy as ``{key}.{ext}``;
     they count towards `max_bytes`.
     """
     if max_samples < 1:
@@ -121,9 +120,8 @@ def cut_shards(
             key = f"{key}_d{n}"
         entry = Entry(source, copy, key)
         grow = entry.tar_bytes
-        extra = None if extras is None else extras.get(source.sample.uid)
-        if extra is not None:
-            grow += member_tar_bytes(f"{key}.{extra_ext}", len(extra))
+        for ext, data in () if extras is None else extras.get(source.sample.uid, ()):
+            grow += member_tar_bytes(f"{key}.{ext}", len(data))
         return entry, grow
 
     for index, copy in order:
@@ -149,7 +147,7 @@ def shard_fingerprint(
     entries: Sequence[Entry],
     urls: Sequence[str],
     settings: str,
-    extras: Mapping[str, bytes] | None = None,
+    extras: Mapping[str, Sequence[tuple[str, bytes]]] | None = None,
 ) -> str:
     """Hash of everything that decides a shard's bytes: sources, offsets, keys, the added
     members' bytes (`extras`, by uid) and `settings` (input signatures, member names)."""
@@ -160,6 +158,6 @@ def shard_fingerprint(
         digest.update(
             json.dumps([urls[e.source.shard], s.key, s.uid, e.copy, e.key, members]).encode()
         )
-        if extras is not None:
-            digest.update(extras.get(s.uid, b""))
+        for ext, data in () if extras is None else extras.get(s.uid, ()):
+            digest.update(ext.encode() + b"\x00" + data)
     return digest.hexdigest()

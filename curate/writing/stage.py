@@ -46,6 +46,7 @@ from curate.writing.plan import Entry, Source, cut_shards, order_copies, shard_f
 
 Duplicates = Literal["error", "once", "repeat"]
 SCORES_MEMBER = "scores.json"
+REWRITES_MEMBER = "rewrites.json"
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
 MISSING = "missing_uids.txt"
@@ -74,6 +75,7 @@ class WriteOptions:
     duplicates: Duplicates = "error"
     repeats_column: str | None = None
     with_columns: list[str] = field(default_factory=list)
+    rewrites: str | None = None  # a curate rewrite output folder
     workers: int = 4
     overwrite: bool = False
 
@@ -97,6 +99,7 @@ class WriteReport:
     missing_uids: int = 0
     failed_uids: dict[str, int] = field(default_factory=dict)
     zero_copies: int = 0
+    with_rewrites: int = 0  # subset uids given a rewrites.json member
     repeated_uids: int = 0
     max_copies_in_one_shard: int = 0
     input_shards: int = 0
@@ -158,6 +161,12 @@ def write_subset(
     report.zero_copies = sum(1 for c in copies.values() if c == 0)
     report.repeated_uids = sum(1 for c in copies.values() if c > 1)
     extras = _extra_members(uid_list, options.with_columns)
+    if options.rewrites is not None:
+        for uid, member in _rewrite_members(Path(options.rewrites), set(copies)).items():
+            extras.setdefault(uid, []).append(member)
+        report.with_rewrites = sum(
+            any(ext == REWRITES_MEMBER for ext, _ in members) for members in extras.values()
+        )
 
     urls = resolve_shards(shards)
     report.input_shards = len(urls)
@@ -182,7 +191,6 @@ def write_subset(
         max_samples=options.max_samples,
         max_bytes=options.max_bytes,
         extras=extras,
-        extra_ext=SCORES_MEMBER,
     )
     report.shards = len(plan)
     report.written_uids = len(writable)
@@ -282,8 +290,28 @@ def _copies_per_uid(uid_list: UidList, options: WriteOptions) -> dict[str, int]:
     return per_uid
 
 
-def _extra_members(uid_list: UidList, columns: Sequence[str]) -> dict[str, bytes]:
-    """`scores.json` member bytes per uid with the chosen subset columns (first row per uid)."""
+def _rewrite_members(folder: Path, wanted: set[str]) -> dict[str, tuple[str, bytes]]:
+    """`rewrites.json` members (the valid rewrites, model, prompt version) by uid."""
+    tables = sorted((folder / "rewrites").glob("*.parquet"))
+    if not tables:
+        raise InputError(f"--rewrites {folder}: no rewrites/*.parquet (curate rewrite's output)")
+    members: dict[str, tuple[str, bytes]] = {}
+    for path in tables:
+        table = pq.read_table(path, columns=["uid", "rewrites", "model", "prompt_version"])
+        for row in table.to_pylist():
+            uid = row["uid"]
+            if uid in wanted and row["rewrites"] and uid not in members:
+                payload = {
+                    "rewrites": row["rewrites"],
+                    "model": row["model"],
+                    "prompt_version": row["prompt_version"],
+                }
+                members[uid] = (REWRITES_MEMBER, json.dumps(payload, sort_keys=True).encode())
+    return members
+
+
+def _extra_members(uid_list: UidList, columns: Sequence[str]) -> dict[str, list[tuple[str, bytes]]]:
+    """`scores.json` members per uid with the chosen subset columns (first row per uid)."""
     if not columns:
         return {}
     table = uid_list.table
@@ -296,14 +324,14 @@ def _extra_members(uid_list: UidList, columns: Sequence[str]) -> dict[str, bytes
             f"(columns: {', '.join(table.column_names)})"
         )
     data = table.select(list(columns)).to_pylist()
-    extras: dict[str, bytes] = {}
+    extras: dict[str, list[tuple[str, bytes]]] = {}
     for uid, row in zip(uid_list.uids, data, strict=True):
         if uid not in extras:
             clean = {
                 k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in row.items()
             }
-            extras[uid] = json.dumps(clean, sort_keys=True).encode()
+            extras[uid] = [(SCORES_MEMBER, json.dumps(clean, sort_keys=True).encode())]
     return extras
 
 
@@ -451,7 +479,7 @@ def _write_shard(
     entries: Sequence[Entry],
     urls: Sequence[str],
     fingerprint: str,
-    extras: dict[str, bytes],
+    extras: dict[str, list[tuple[str, bytes]]],
 ) -> dict[str, Any]:
     name = f"{index:05d}"
     rows: list[dict[str, Any]] = []
@@ -493,7 +521,7 @@ def _copy_sample(
     inputs: _Inputs,
     entry: Entry,
     urls: Sequence[str],
-    extras: dict[str, bytes],
+    extras: dict[str, list[tuple[str, bytes]]],
 ) -> dict[str, Any]:
     sample = entry.source.sample
     meta_raw: bytes | None = None
@@ -506,9 +534,8 @@ def _copy_sample(
             meta_raw = data
         elif ext == "txt" and caption is None:
             caption = data
-    extra = extras.get(sample.uid)
-    if extra is not None:
-        writer.add(f"{entry.key}.{SCORES_MEMBER}", extra)
+    for ext, data in extras.get(sample.uid, ()):
+        writer.add(f"{entry.key}.{ext}", data)
     meta, _ = parse_meta(meta_raw)
     meta = meta or {}
     return {
