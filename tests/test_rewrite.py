@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import polars as pl
 import pytest
@@ -262,7 +263,7 @@ def test_missing_server_options_are_one_line(
     code, _, err = run_cli(["rewrite", str(tmp_path / "shards")], capsys)
     assert code == 2 and "--base-url" in err
     code, _, err = run_cli(["rewrite", str(tmp_path / "shards"), "--backend", "vllm"], capsys)
-    assert code == 2 and "vllm serve" in err
+    assert code == 2 and "needs --model" in err
     with pytest.raises(InputError):
         OpenAIBackend("localhost:8000", "m", load_prompts())
 
@@ -360,3 +361,91 @@ def test_write_adds_rewrites_to_shards(tmp_path: Path, capsys: pytest.CaptureFix
             seen[sample["__key__"]] = payload["rewrites"]
             assert payload["prompt_version"] == table["prompt_version"][0]
     assert seen == expected and len(seen) == usable.height > 0
+
+
+def test_cli_demo_data_against_a_faulty_stub(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from curate.demo.synthetic import generate_shards
+
+    demo = generate_shards(tmp_path / "shards", num_samples=120, samples_per_shard=40, seed=2)
+    config = StubConfig(
+        error_rate=0.1, rate_limit_rate=0.05, drop_rate=0.05, refusal_rate=0.05, seed=4
+    )
+    with StubServer(config) as stub:
+        code, out, err = run_cli(
+            [
+                "rewrite", str(tmp_path / "shards"), "--base-url", stub.url,
+                "--model", "stub-model", "--num-rewrites", "2", "--max-invalid", "8",
+                "--max-retries", "12", "-o", str(tmp_path / "rw"), "--no-progress",
+            ],
+            capsys,
+        )  # fmt: skip
+        assert stub.outcomes["error"] > 0 and stub.outcomes["drop"] > 0
+    assert code == 0, err
+    table = read_rewrites(tmp_path / "rw")
+    assert table.height == demo.num_samples
+    unusable = table.filter(pl.col("reasons").list.len() == 0)
+    assert (unusable["status"] == "failed").all() and unusable["error"].is_not_null().all()
+    usable = table.filter(pl.col("reasons").list.len() == 2)
+    assert usable.height + unusable.height == table.height
+    assert (usable["status"] == "ok").sum() >= usable.height - 1
+    assert "curate rewrite" in out
+
+
+# --- in-process vLLM, with a stand-in module (vLLM itself needs a GPU and model weights) ---------
+
+
+class _FakeOutput:
+    def __init__(self, text: str) -> None:
+        self.outputs = [type("Completion", (), {"text": text})()]
+
+
+class _FakeLLM:
+    batches: ClassVar[list[int]] = []
+
+    def __init__(self, model: str, seed: int, **kwargs: object) -> None:
+        self.model = model
+
+    def chat(self, conversations: list[list[dict[str, str]]], params: list) -> list[_FakeOutput]:
+        _FakeLLM.batches.append(len(conversations))
+        return [
+            _FakeOutput(f"an image showing {c[-1]['content']} ({p.kwargs['seed']})")
+            for c, p in zip(conversations, params, strict=True)
+        ]
+
+
+class _FakeSamplingParams:
+    def __init__(self, **kwargs: object) -> None:
+        self.kwargs = kwargs
+
+
+def test_vllm_backend_batches_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from curate.rewrite.backends import VLLMBackend
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = _FakeLLM  # type: ignore[attr-defined]
+    fake.SamplingParams = _FakeSamplingParams  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    _FakeLLM.batches = []
+    n = make_pool(tmp_path / "shards", shards=1, per_shard=20)
+    backend = VLLMBackend("some/model", load_prompts())
+    report = rewrite_source(
+        str(tmp_path / "shards"),
+        backend,
+        load_prompts(),
+        tmp_path / "out",
+        RewriteOptions(num_rewrites=2, engine=EngineOptions(concurrency=16)),
+    )
+    assert report.ok == n and report.model == "some/model"
+    assert sum(_FakeLLM.batches) == 2 * n and max(_FakeLLM.batches) > 1
+
+
+def test_vllm_backend_missing_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from curate.rewrite.backends import VLLMBackend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(InputError, match=r"curate\[vllm\]"):
+        VLLMBackend("some/model", load_prompts())

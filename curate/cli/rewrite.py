@@ -46,6 +46,7 @@ def rewrite_command(
         BackendChoice,
         typer.Option(
             help="openai: any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama). "
+            "vllm: the model in this process on a GPU (pip install 'curate[vllm]'). "
             "rules: offline word-level paraphrase from a small synonym table — a weak fallback "
             "for demos and tests, not a language model.",
             rich_help_panel="Backend",
@@ -168,7 +169,12 @@ def rewrite_command(
     sample ends with its rewrites or a recorded reason. Results are cached per request, so a
     rerun (after a crash, kill or server outage) sends only what is missing.
     """
-    from curate.rewrite.backends import OpenAIBackend, RulesBackend, SamplingParams
+    from curate.rewrite.backends import (
+        OpenAIBackend,
+        RulesBackend,
+        SamplingParams,
+        VLLMBackend,
+    )
     from curate.rewrite.engine import EngineOptions
     from curate.rewrite.prompts import load_prompts
     from curate.rewrite.stage import RewriteOptions, rewrite_source
@@ -177,11 +183,11 @@ def rewrite_command(
     template = load_prompts(prompts)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     if backend is BackendChoice.vllm:
-        raise InputError(
-            "--backend vllm (in-process) is not available yet; run `vllm serve MODEL` and use "
-            "--backend openai --base-url http://HOST:8000/v1 --model MODEL"
-        )
-    if backend is BackendChoice.openai:
+        if not model:
+            raise InputError("--backend vllm needs --model (a Hugging Face name or local path)")
+        chosen = VLLMBackend(model, template, api=api.value, params=params, seed=seed)
+        where = f"vLLM ({model})"
+    elif backend is BackendChoice.openai:
         if not base_url or not model:
             raise InputError(
                 "--backend openai needs --base-url and --model (or use --backend rules offline)"

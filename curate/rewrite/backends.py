@@ -5,8 +5,9 @@ are `BackendError`s that say whether a retry can help (429, 5xx, timeouts, dropp
 connections, malformed bodies) or not (401, 404, other 4xx). Validation of the text is the
 engine's job, not the backend's.
 
-In-process vLLM (`--backend vllm`) is not built yet: choosing it says so in one line. Point
-`--base-url` at `vllm serve MODEL` (or SGLang, llama.cpp's server, Ollama) instead.
+In-process vLLM (`--backend vllm`, extra `curate[vllm]`) runs the model inside this process on
+a GPU node: requests are gathered into batches for `vllm.LLM.chat` / `generate`. vLLM is
+imported only when chosen.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "OpenAIBackend",
     "RulesBackend",
     "SamplingParams",
+    "VLLMBackend",
 ]
 
 
@@ -194,6 +196,92 @@ class RulesBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+class VLLMBackend:
+    """vLLM in this process; concurrent `generate` calls are batched (up to `max_batch`)."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        template: PromptTemplate,
+        *,
+        api: str = "chat",
+        params: SamplingParams | None = None,
+        seed: int = 0,
+        max_batch: int = 256,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise InputError(
+                "--backend vllm needs vLLM here: pip install 'curate[vllm]' on a GPU node, or "
+                "run `vllm serve MODEL` and use --backend openai --base-url http://HOST:8000/v1"
+            ) from exc
+        self._vllm = vllm
+        self.model = model
+        self.template = template
+        self.api = api
+        self.params = params or SamplingParams()
+        self.seed = seed
+        self.max_batch = max_batch
+        self._llm = vllm.LLM(model=model, seed=seed, **(engine_args or {}))
+        self._queue: list[tuple[Any, Any, asyncio.Future[str]]] = []
+        self._flush: asyncio.Task[None] | None = None
+
+    def identity(self) -> str:
+        return f"vllm:{self.api}:{self.model}"
+
+    def _sampling(self, uid: str, index: int, attempt: int) -> Any:
+        return self._vllm.SamplingParams(
+            temperature=self.params.temperature,
+            top_p=self.params.top_p,
+            max_tokens=self.params.max_tokens,
+            seed=request_seed(self.seed, uid, index, attempt),
+            stop=None if self.api == "chat" else ["\n"],
+        )
+
+    async def generate(self, caption: str, *, uid: str, index: int, attempt: int) -> str:
+        if self.api == "chat":
+            prompt: Any = build_chat_messages(
+                self.template, caption, uid=uid, index=index, seed=self.seed
+            )
+        else:
+            prompt = build_completion_prompt(
+                self.template, caption, uid=uid, index=index, seed=self.seed
+            )
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._queue.append((prompt, self._sampling(uid, index, attempt), future))
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.create_task(self._run_batches())
+        return await future
+
+    async def _run_batches(self) -> None:
+        await asyncio.sleep(0)  # let the other workers queue their requests
+        while self._queue:
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            prompts = [p for p, _, _ in batch]
+            sampling = [s for _, s, _ in batch]
+            run = self._llm.chat if self.api == "chat" else self._llm.generate
+            try:
+                outputs = await asyncio.to_thread(run, prompts, sampling)
+                texts = [out.outputs[0].text for out in outputs]
+            except Exception as exc:  # a failed batch (e.g. out of GPU memory) stops the run
+                error = BackendError("vllm", str(exc) or type(exc).__name__, retryable=False)
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, _, future), text in zip(batch, texts, strict=True):
+                if not future.done():
+                    future.set_result(text)
+
+    async def aclose(self) -> None:
+        if self._flush is not None:
+            await asyncio.gather(self._flush, return_exceptions=True)
 
 
 def _short(text: str, limit: int = 200) -> str:
