@@ -22,14 +22,7 @@ class Phase(str, Enum):
 
 
 def balance_command(
-    sources: Annotated[
-        list[str],
-        typer.Argument(
-            help="Shards (folder, glob, brace pattern, list file, URL), a run folder (its "
-            "scores.parquet), or parquet tables with uid and caption/text columns.",
-            show_default=False,
-        ),
-    ],
+    sources: opt.CaptionSources,
     metadata: Annotated[
         Path,
         typer.Option(
@@ -95,14 +88,7 @@ def balance_command(
             rich_help_panel="Balancing",
         ),
     ] = 0,
-    caption_column: Annotated[
-        str | None,
-        typer.Option(
-            "--caption-column",
-            help="Caption column of parquet inputs (default: caption, else text).",
-            rich_help_panel="Input",
-        ),
-    ] = None,
+    caption_column: opt.CaptionColumnOpt = None,
     phase: Annotated[
         Phase,
         typer.Option(

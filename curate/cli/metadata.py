@@ -76,14 +76,7 @@ def build_command(
             rich_help_panel="Sources",
         ),
     ] = None,
-    caption_column: Annotated[
-        str | None,
-        typer.Option(
-            "--caption-column",
-            help="Caption column of parquet corpora (default: caption, else text).",
-            rich_help_panel="Sources",
-        ),
-    ] = None,
+    caption_column: opt.CaptionColumnOpt = None,
     min_unigram_count: Annotated[
         int,
         typer.Option(

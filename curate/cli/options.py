@@ -93,4 +93,21 @@ RunOutOpt = Annotated[
     ),
 ]
 
+CaptionSources = Annotated[
+    list[str],
+    typer.Argument(
+        help="Shards (folder, glob, brace pattern, list file, URL), a run folder (its "
+        "scores.parquet), or parquet tables with uid and caption/text columns.",
+        show_default=False,
+    ),
+]
+CaptionColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--caption-column",
+        help="Caption column of parquet inputs (default: caption, else text).",
+        rich_help_panel="Input",
+    ),
+]
+
 __all__ = ["DEFAULT_MAX_PIXELS"]

@@ -25,14 +25,7 @@ class ApiChoice(str, Enum):
 
 
 def rewrite_command(
-    sources: Annotated[
-        list[str],
-        typer.Argument(
-            help="Shards (folder, glob, brace pattern, list file, URL), a run folder, or "
-            "parquet tables with uid and caption/text columns.",
-            show_default=False,
-        ),
-    ],
+    sources: opt.CaptionSources,
     out: Annotated[
         Path,
         typer.Option(
@@ -118,14 +111,7 @@ def rewrite_command(
             rich_help_panel="Rewrites",
         ),
     ] = 0,
-    caption_column: Annotated[
-        str | None,
-        typer.Option(
-            "--caption-column",
-            help="Caption column of parquet inputs (default: caption, else text).",
-            rich_help_panel="Input",
-        ),
-    ] = None,
+    caption_column: opt.CaptionColumnOpt = None,
     concurrency: Annotated[
         int,
         typer.Option(min=1, help="Requests in flight at once.", rich_help_panel="Robustness"),
