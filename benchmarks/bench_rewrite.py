@@ -2,7 +2,7 @@
 
 The stub (tests/llm_stub.py, a threaded OpenAI-compatible server on 127.0.0.1) sleeps L seconds
 per request. With C requests in flight the ideal rate is C / L requests per second; the
-benchmark runs `engine.run_jobs` (OpenAIBackend, chat API, validation and cache writes
+benchmark runs `engine.run_jobs_async` (OpenAIBackend, chat API, validation and cache writes
 included) over `--rounds` · C jobs for each C and reports achieved / ideal. Target: ≥ 0.8 at
 C = 64. The reference (the ideal) is a property of the same run's settings, not a constant.
 
@@ -12,6 +12,7 @@ C = 64. The reference (the ideal) is a property of the same run's settings, not 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from llm_stub import StubConfig, StubServer  # noqa: E402
 
 from curate.rewrite.backends import OpenAIBackend  # noqa: E402
 from curate.rewrite.cache import RequestCache  # noqa: E402
-from curate.rewrite.engine import EngineOptions, Job, run_jobs  # noqa: E402
+from curate.rewrite.engine import EngineOptions, Job, run_jobs_async  # noqa: E402
 from curate.rewrite.prompts import load_prompts  # noqa: E402
 from curate.rewrite.validate import check_rewrite  # noqa: E402
 
@@ -41,8 +42,16 @@ def measure(latency: float, concurrency: int, rounds: int) -> dict[str, float]:
             stub.url, "stub-model", template, timeout=30.0, concurrency=concurrency
         )
         cache = RequestCache(Path(tmp) / "cache.sqlite")
+        options = EngineOptions(concurrency=concurrency)
+
+        async def run() -> dict:
+            try:
+                return await run_jobs_async(jobs, backend, cache, options, where="")
+            finally:
+                await backend.aclose()
+
         start = time.perf_counter()
-        results = run_jobs(jobs, backend, cache, EngineOptions(concurrency=concurrency), where="")
+        results = asyncio.run(run())
         seconds = time.perf_counter() - start
         cache.close()
         in_flight = stub.max_in_flight

@@ -1,6 +1,11 @@
 """Exception hierarchy. The CLI turns any CurateError into one clear line (exit code 2)."""
 
 
+def failure_code(error: str) -> str:
+    """The code of a per-sample failure recorded as ``"code: detail"``."""
+    return error.split(":", 1)[0].strip() or "unknown"
+
+
 class CurateError(Exception):
     """Base class for errors a user can act on; the message is shown as one line."""
 

@@ -48,7 +48,7 @@ from curate.balance.sampling import (
     threshold_from_tail_share,
     uniform_draws,
 )
-from curate.errors import InputError, RunFolderError
+from curate.errors import InputError, RunFolderError, failure_code
 from curate.io.captions import CaptionUnit, read_unit, resolve_units
 from curate.io.uid_files import uids_to_pairs, write_datacomp_npy
 from curate.runtime.atomic import write_atomic, write_json_atomic
@@ -184,7 +184,7 @@ def _recorded_signature(path: Path) -> dict[str, Any] | None:
         return None
 
 
-# Worker state: the automaton is built once per process (inherited on fork).
+# Worker state: the automaton, built once per process.
 _MATCHER: Matcher | None = None
 
 
@@ -202,8 +202,7 @@ def _match_unit(unit: CaptionUnit, path: Path, signature: dict[str, Any]) -> tup
 
 def _init_worker(entries: list[str], mode: str) -> None:
     global _MATCHER
-    if _MATCHER is None:
-        _MATCHER = Matcher(entries, mode)
+    _MATCHER = Matcher(entries, mode)
 
 
 def match_units(
@@ -234,8 +233,8 @@ def match_units(
         todo.append((unit, path, signature))
     rows = failed = 0
     if todo:
-        _MATCHER = Matcher(metadata.entries, mode)
         if workers <= 1 or len(todo) == 1:
+            _MATCHER = Matcher(metadata.entries, mode)  # workers build their own
             for unit, path, signature in todo:
                 n, bad = _match_unit(unit, path, signature)
                 rows, failed = rows + n, failed + bad
@@ -285,10 +284,6 @@ def _load_matches(
     return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
 
 
-def _failure_code(error: str) -> str:
-    return error.split(":", 1)[0]
-
-
 def sample_pool(
     units: Sequence[CaptionUnit],
     metadata: Metadata,
@@ -324,15 +319,14 @@ def sample_pool(
     )
     ok = errors.is_null().to_numpy()
 
+    # Matches as CSR arrays; a failed row's matches (e.g. a repeated uid's) do not count.
     lists = frame["entry_ids"]
-    lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
-    lengths[~ok] = 0
+    all_lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = lists.explode().drop_nulls().to_numpy().astype(np.int64)
+    entry_ids = flat[np.repeat(ok, all_lengths)]
+    lengths = np.where(ok, all_lengths, 0)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    flat_all = lists.explode().drop_nulls().to_numpy().astype(np.int64)
-    all_lengths = lists.list.len().fill_null(0).to_numpy()
-    keep_rows = np.repeat(ok, all_lengths)
-    entry_ids = flat_all[keep_rows] if flat_all.size else flat_all
     counts = count_entries(entry_ids, metadata.size)
 
     choice = _choose_threshold(spec, offsets, entry_ids, counts)
@@ -384,7 +378,7 @@ def sample_pool(
         }
     )
 
-    failures = Counter(_failure_code(e) for e in errors.drop_nulls().to_list())
+    failures = Counter(failure_code(e) for e in errors.drop_nulls().to_list())
     report = BalanceReport(
         source=source,
         out=str(out),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -132,8 +133,6 @@ def balance_command(
 
     On a cluster: run `--phase match --num-tasks K` as K tasks, then `--phase sample` once.
     """
-    import os
-
     from curate.balance.metadata import load_metadata
     from curate.balance.stage import BalanceSpec, match_units, sample_pool
     from curate.io.captions import resolve_units

@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from curate.errors import ShardOpenError
+from curate.errors import ShardOpenError, failure_code
 from curate.io.shards import open_shard, shard_basename
 from curate.io.uids import derive_uid, uid_from_meta
 
@@ -96,7 +96,7 @@ class RawSample:
 
     @property
     def error_code(self) -> str | None:
-        return None if self.error is None else self.error.split(":", 1)[0]
+        return None if self.error is None else failure_code(self.error)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from curate.rewrite.backends import Backend, BackendError
 from curate.rewrite.cache import CachedResult, RequestCache
 from curate.rewrite.validate import check_rewrite, clean_output
 
-__all__ = ["EngineOptions", "Job", "RewriteAborted", "run_jobs", "run_jobs_async"]
+__all__ = ["EngineOptions", "Job", "RewriteAborted", "run_jobs_async"]
 
 
 class RewriteAborted(CurateError):
@@ -170,26 +170,3 @@ async def run_jobs_async(
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
     return results
-
-
-def run_jobs(
-    jobs: Sequence[Job],
-    backend: Backend,
-    cache: RequestCache,
-    options: EngineOptions,
-    *,
-    where: str,
-    on_done: Callable[[Job, CachedResult], None] | None = None,
-    validator: Callable[[str, str], str | None] | None = None,
-) -> dict[str, CachedResult]:
-    """`run_jobs_async` in a fresh event loop (closes the backend at the end)."""
-
-    async def main() -> dict[str, CachedResult]:
-        try:
-            return await run_jobs_async(
-                jobs, backend, cache, options, where=where, on_done=on_done, validator=validator
-            )
-        finally:
-            await backend.aclose()
-
-    return asyncio.run(main())

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.embedding.store import META_COLUMNS, RunFolder, embeddings_to_numpy
-from curate.errors import InputError, RunFolderError
+from curate.errors import InputError, RunFolderError, failure_code
 from curate.runtime.atomic import write_atomic, write_json_atomic
 from curate.scoring.clipscore import clipscore
 from curate.scoring.negclip import negclip
@@ -73,10 +73,6 @@ class ScoreReport:
         data = asdict(self)
         data["out"] = str(self.out)
         return data
-
-
-def failure_code(error: str) -> str:
-    return error.split(":", 1)[0].strip() or "unknown"
 
 
 def load_pool(

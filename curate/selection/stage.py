@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 
 from curate.embedding.store import RunFolder
-from curate.errors import InputError, RunFolderError
+from curate.errors import InputError, RunFolderError, failure_code
 from curate.io.uid_files import read_uid_file, write_datacomp_npy
 from curate.io.uids import is_uid
 from curate.runtime.atomic import write_atomic, write_json_atomic
@@ -186,9 +186,7 @@ def select_pool(
     report.failures = dict(
         sorted(
             Counter(
-                r.split(":", 1)[0]
-                for r, f in zip(state.reason, state.failed, strict=True)
-                if f and r
+                failure_code(r) for r, f in zip(state.reason, state.failed, strict=True) if f and r
             ).items()
         )
     )

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.errors import InputError, ShardOpenError
+from curate.errors import InputError, ShardOpenError, failure_code
 from curate.io.shards import open_shard, resolve_shards, source_signature
 from curate.io.sidecar import IMG2DATASET_SIDECAR_SCHEMA
 from curate.io.tar_index import ShardIndex, index_shard
@@ -393,7 +393,7 @@ def _match(
             if sample.uid in chosen:
                 report.duplicate_uid += 1
             elif sample.error is not None:
-                failed.setdefault(sample.uid, sample.error.split(":", 1)[0])
+                failed.setdefault(sample.uid, failure_code(sample.error))
             else:
                 chosen[sample.uid] = Source(shard_index, sample, copies[sample.uid])
     for uid in chosen:
