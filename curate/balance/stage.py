@@ -264,8 +264,12 @@ def match_units(
     )
 
 
-def _load_matches(
-    units: Sequence[CaptionUnit], metadata: Metadata, out: Path, mode: MatchMode
+def load_matches(
+    units: Sequence[CaptionUnit],
+    metadata: Metadata,
+    out: Path,
+    mode: MatchMode,
+    columns: Sequence[str] = ("uid", "shard", "key", "error", "entry_ids"),
 ) -> pl.DataFrame:
     """Every unit's match rows in unit order; refuses when a unit is missing or stale."""
     frames = []
@@ -275,13 +279,45 @@ def _load_matches(
         if not path.is_file() or _recorded_signature(path) != match_signature(unit, metadata, mode):
             missing.append(unit.name)
             continue
-        frames.append(pl.read_parquet(path, columns=["uid", "shard", "key", "error", "entry_ids"]))
+        frames.append(pl.read_parquet(path, columns=list(columns)))
     if missing:
         raise RunFolderError(
             f"{len(missing)} of {len(units)} units have no current match file in "
             f"{out / MATCHES_DIR} (first: {missing[0]}); run the match phase for them first"
         )
     return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
+
+
+def pool_errors(frame: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
+    """Lower-cased uids and each row's error: the unit's own, else ``bad_uid`` for a uid that is
+    not 32 hex characters, else ``duplicate_uid`` for a later repeat (as at score time)."""
+    uid = frame["uid"].str.to_lowercase()
+    valid = uid.str.contains(r"^[0-9a-f]{32}$").fill_null(False)
+    errors = (
+        pl.DataFrame({"e": frame["error"], "valid": valid, "first": uid.is_first_distinct()})
+        .select(
+            pl.when(pl.col("e").is_not_null())
+            .then(pl.col("e"))
+            .when(~pl.col("valid"))
+            .then(pl.lit("bad_uid: uid is not 32 hex characters"))
+            .when(~pl.col("first"))
+            .then(pl.lit("duplicate_uid: the uid appeared earlier in the pool"))
+        )
+        .to_series()
+        .alias("error")
+    )
+    return uid, errors
+
+
+def matches_csr(lists: pl.Series, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row entry id lists as CSR (offsets, ids); rows not `ok` contribute no matches."""
+    all_lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = lists.explode().drop_nulls().to_numpy().astype(np.int64)
+    entry_ids = flat[np.repeat(ok, all_lengths)]
+    lengths = np.where(ok, all_lengths, 0)
+    offsets = np.zeros(len(ok) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, entry_ids
 
 
 def sample_pool(
@@ -296,37 +332,15 @@ def sample_pool(
     """The sample phase: counts, t, keep probabilities, draws and every output file."""
     start = time.perf_counter()
     spec.validate()
-    frame = _load_matches(units, metadata, out, mode)
+    frame = load_matches(units, metadata, out, mode)
     n = frame.height
     if n == 0:
         raise InputError(f"{source}: the source holds no samples")
 
-    # Uids: lower-case; later repeats and malformed ones are failures, like at score time.
-    uid = frame["uid"].str.to_lowercase()
-    errors = frame["error"]
-    valid = uid.str.contains(r"^[0-9a-f]{32}$").fill_null(False)
-    errors = (
-        pl.DataFrame({"e": errors, "valid": valid, "first": uid.is_first_distinct()})
-        .select(
-            pl.when(pl.col("e").is_not_null())
-            .then(pl.col("e"))
-            .when(~pl.col("valid"))
-            .then(pl.lit("bad_uid: uid is not 32 hex characters"))
-            .when(~pl.col("first"))
-            .then(pl.lit("duplicate_uid: the uid appeared earlier in the pool"))
-        )
-        .to_series()
-    )
+    uid, errors = pool_errors(frame)
     ok = errors.is_null().to_numpy()
-
-    # Matches as CSR arrays; a failed row's matches (e.g. a repeated uid's) do not count.
-    lists = frame["entry_ids"]
-    all_lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
-    flat = lists.explode().drop_nulls().to_numpy().astype(np.int64)
-    entry_ids = flat[np.repeat(ok, all_lengths)]
-    lengths = np.where(ok, all_lengths, 0)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets, entry_ids = matches_csr(frame["entry_ids"], ok)
+    lengths = np.diff(offsets)
     counts = count_entries(entry_ids, metadata.size)
 
     choice = _choose_threshold(spec, offsets, entry_ids, counts)

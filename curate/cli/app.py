@@ -71,7 +71,18 @@ def _root(
 
 
 def _register() -> None:
-    from curate.cli import balance, demo, embed, metadata, models, rewrite, score, select, write
+    from curate.cli import (
+        balance,
+        demo,
+        embed,
+        fairness,
+        metadata,
+        models,
+        rewrite,
+        score,
+        select,
+        write,
+    )
 
     app.command("embed")(embed.embed_command)
     app.command("score")(score.score_command)
@@ -80,6 +91,8 @@ def _register() -> None:
     app.command("balance")(balance.balance_command)
     app.add_typer(metadata.metadata_app, name="metadata")
     app.command("rewrite")(rewrite.rewrite_command)
+    app.command("audit")(fairness.audit_command)
+    app.command("rebalance")(fairness.rebalance_command)
     app.command("demo")(demo.demo_command)
     app.command("models")(models.models_command)
 

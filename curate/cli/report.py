@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from curate.balance.build import SourceCount
     from curate.balance.stage import BalanceReport, MatchReport
     from curate.embedding.stage import EmbedReport
+    from curate.fairness.audit import AuditReport
+    from curate.fairness.rebalance import RebalanceReport
     from curate.rewrite.stage import RewriteReport
     from curate.scoring.stage import ScoreReport
     from curate.selection.stage import SelectReport
@@ -303,6 +305,204 @@ def rewrite_summary(report: RewriteReport) -> None:
     stdout_console.print(table)
     stdout_console.print(
         f"rewrites: {report.out}/rewrites/*.parquet (joined by uid)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.1%}"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:+.3f}"
+
+
+def audit_summary(report: AuditReport) -> None:
+    """Who the pool shows per attribute, and the concepts furthest from the target shares."""
+    head = Table(title="curate audit", show_header=False, title_justify="left")
+    head.add_row("source", report.source)
+    head.add_row("labels from", report.infer)
+    head.add_row("pool rows", str(report.rows))
+    head.add_row("failed", str(report.failed))
+    for code, n in report.failures.items():
+        head.add_row(f"  {code}", str(n))
+    ok = report.rows - report.failed
+    head.add_row(
+        "with a concept", f"{report.with_concept} ({_pct(report.with_concept / max(1, ok))})"
+    )
+    if report.person_gated:
+        head.add_row(
+            "showing a person",
+            f"{report.persons} ({_pct(report.persons / max(1, ok))}; caption "
+            f"{report.persons_caption}, image {report.persons_image})",
+        )
+    else:
+        head.add_row("labelled subjects", "every sample (the spec has no person block)")
+    if report.infer != "caption":
+        head.add_row("with an image embedding", str(report.images))
+    stdout_console.print(head)
+    for attr in report.attributes:
+        stdout_console.print(
+            f"\n[bold]{attr.name}[/bold]: {attr.labelled} labelled (caption {attr.from_caption}, "
+            f"image {attr.from_image}), {attr.mixed} naming several groups",
+            highlight=False,
+        )
+        rep = Table(title=f"{attr.name}: representation", title_justify="left", box=box.SIMPLE_HEAD)
+        _add_columns(
+            rep,
+            ("group", "left"),
+            ("count", "right"),
+            ("share", "right"),
+            ("95% CI", "right"),
+            ("target", "right"),
+            ("share − target", "right"),
+        )
+        for i, group in enumerate(attr.groups):
+            rep.add_row(
+                group,
+                f"{attr.counts[i]:.0f}",
+                _pct(attr.shares[i]),
+                f"{_pct(attr.ci_low[i])}–{_pct(attr.ci_high[i])}",
+                _pct(attr.target[i]),
+                _signed(attr.shares[i] - attr.target[i]),
+            )
+        stdout_console.print(rep)
+        stdout_console.print(
+            f"representation bias {_fmt(attr.representation_bias)}; association bias "
+            f"{_fmt(attr.association_bias)} (max over {attr.concepts_measured} concepts with "
+            "enough labelled samples)",
+            highlight=False,
+        )
+        if attr.most_skewed:
+            top = Table(
+                title=f"{attr.name}: most skewed concepts",
+                title_justify="left",
+                box=box.SIMPLE_HEAD,
+            )
+            _add_columns(
+                top,
+                ("concept", "left"),
+                ("labelled", "right"),
+                ("group", "left"),
+                ("share", "right"),
+                ("95% CI", "right"),
+                ("target", "right"),
+            )
+            for row in attr.most_skewed:
+                top.add_row(
+                    row.concept,
+                    f"{row.total:.0f}",
+                    row.group,
+                    _pct(row.share),
+                    f"{_pct(row.ci_low)}–{_pct(row.ci_high)}",
+                    _pct(row.target),
+                )
+            stdout_console.print(top)
+        if attr.retrieval_worst:
+            stdout_console.print(
+                f"retrieval (k = {attr.retrieval_k}): mean MaxSkew@k "
+                f"{_fmt(attr.retrieval_max_skew_mean)}, mean NDKL "
+                f"{_fmt(attr.retrieval_ndkl_mean)}",
+                highlight=False,
+            )
+            ret = Table(
+                title=f"{attr.name}: retrieval bias", title_justify="left", box=box.SIMPLE_HEAD
+            )
+            _add_columns(
+                ret,
+                ("concept", "left"),
+                ("k", "right"),
+                ("MaxSkew@k", "right"),
+                ("over-represented", "left"),
+                ("NDKL", "right"),
+            )
+            for row in attr.retrieval_worst:
+                ret.add_row(
+                    row["concept"],
+                    str(row["k"]),
+                    _fmt(row["max_skew"]),
+                    str(row["group"]),
+                    _fmt(row["ndkl"]),
+                )
+            stdout_console.print(ret)
+    stdout_console.print(
+        f"tables: {report.out}/representation.parquet, association.parquet"
+        + (", retrieval.parquet" if report.infer != "caption" else "")
+        + f"; labels: {report.out}/labels.parquet",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def rebalance_summary(report: RebalanceReport) -> None:
+    """Method, status, kept fraction, and bias before / under the weights / in the subset."""
+    head = Table(title="curate rebalance", show_header=False, title_justify="left")
+    head.add_row("method", report.method)
+    head.add_row("status", report.status)
+    if report.eps_r is not None:
+        head.add_row(
+            "ε enforced", f"representation {report.eps_r:.4g}, association {report.eps_d:.4g}"
+        )
+    head.add_row("pool", f"{report.pool} ({report.failed} failed rows)")
+    head.add_row(
+        "kept",
+        f"{report.kept} ({_pct(report.kept_fraction)}; expected "
+        f"{report.expected_kept:.1f}), seed {report.seed}",
+    )
+    if report.counterfactuals is not None:
+        head.add_row("counterfactual captions", str(report.counterfactuals))
+    stdout_console.print(head)
+    if report.message:
+        colour = "yellow" if report.status in ("infeasible", "max_iter") else "default"
+        stdout_console.print(f"[{colour}]{report.message}[/{colour}]", highlight=False)
+    for change in report.attributes:
+        table = Table(
+            title=f"{change.attribute}: bias before and after "
+            f"({change.concepts_measured} concepts measured)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+        )
+        _add_columns(
+            table, ("", "left"), ("before", "right"), ("weights", "right"), ("subset", "right")
+        )
+        table.add_row(
+            "representation bias",
+            _fmt(change.representation_before),
+            _fmt(change.representation_weights),
+            _fmt(change.representation_subset),
+        )
+        table.add_row(
+            "association bias",
+            _fmt(change.association_before),
+            _fmt(change.association_weights),
+            _fmt(change.association_subset),
+        )
+        for i, group in enumerate(change.groups):
+            table.add_row(
+                f"share {group} (target {_pct(change.target[i])})",
+                _pct(change.shares_before[i]),
+                "",
+                _pct(change.shares_subset[i]),
+            )
+        stdout_console.print(table)
+    if report.unbalanced_concepts:
+        names = ", ".join(report.unbalanced_concepts[:10])
+        more = len(report.unbalanced_concepts) - 10
+        stdout_console.print(
+            f"[yellow]left as they are (a group has no labelled sample): {names}"
+            + (f" and {more} more" if more > 0 else "")
+            + "[/yellow]",
+            highlight=False,
+        )
+    stdout_console.print(
+        f"subset: {report.out}/subset.parquet (curate write --subset {report.out}); weights: "
+        f"{report.out}/weights.parquet (--repeats weight)"
+        + (
+            f"; counterfactuals: curate write --rewrites {report.out}"
+            if report.counterfactuals
+            else ""
+        ),
         highlight=False,
         soft_wrap=True,
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from curate.errors import ModelLoadError
@@ -125,6 +126,18 @@ class LoadedModel:
         img = torch.nn.functional.normalize(img, dim=-1)
         txt = torch.nn.functional.normalize(txt, dim=-1)
         return img.cpu(), txt.cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """L2-normalised text embeddings (float32, rows in the order of `texts`)."""
+        out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
+            emb = self.model.encode_text(tokens).float()
+            out[start : start + len(tokens)] = (
+                torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+            )
+        return out
 
 
 def describe_preprocess(preprocess: Any) -> str:

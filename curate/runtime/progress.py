@@ -34,6 +34,13 @@ class StageProgress:
     def advance_shard(self) -> None:
         self._progress.advance(self._task)
 
+    def set_total_shards(self, total: int) -> None:
+        self._progress.update(self._task, total=total)
+
+    def set_description(self, description: str) -> None:
+        """Name the step under way (for stages with pool-wide steps after the shards)."""
+        self._progress.update(self._task, description=description)
+
     def set(self, shards_done: int, shards_total: int, samples: int) -> None:
         """Jump to absolute counts (for stages that learn their total late)."""
         self.samples = samples
@@ -44,7 +51,7 @@ class StageProgress:
 
 @contextmanager
 def progress_bar(
-    description: str, *, total_shards: int, enabled: bool = True
+    description: str, *, total_shards: int | None, enabled: bool = True
 ) -> Iterator[StageProgress]:
     """A bar over shards with a running sample count and rate."""
     progress = Progress(

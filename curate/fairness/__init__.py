@@ -1,0 +1,1 @@
+"""Demographic bias: attribute inference, bias metrics, M4 and resampling, counterfactuals."""
