@@ -4,17 +4,27 @@ No oracle here uses the solver's class compression or dual code."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
 import pytest
-from scipy.optimize import linprog, minimize
+from scipy.optimize import OptimizeResult, linprog, minimize
 
+from curate.fairness import m4
 from curate.fairness.m4 import AttributeInput, M4Options, constraint_values, solve_m4
 
 # --------------------------------------------------------------------------------------------
 # Instances and oracles
 # --------------------------------------------------------------------------------------------
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
 
 
 def make_pool(
@@ -83,7 +93,16 @@ def qp_oracle(
     n = g.shape[1]
     scale = 1.0 / np.abs(g).sum(axis=1)
     gs, bs = g * scale[:, None], b * scale * n
-    res = minimize(
+    with one_blas_thread():  # small dense algebra: threads only fight a busy machine
+        res = _slsqp(gs, bs, eta, utility)
+    # SLSQP may end on "positive directional derivative" at the optimum: judge the point itself
+    assert np.max(g @ res.x / n - b) <= 1e-10 and abs(res.x.mean() - eta) <= 1e-10, res.message
+    return res.x, float(res.fun) / n
+
+
+def _slsqp(gs: np.ndarray, bs: np.ndarray, eta: float, utility: np.ndarray) -> OptimizeResult:
+    n = gs.shape[1]
+    return minimize(
         lambda q: float(np.dot(utility, (q - eta) ** 2)),
         np.full(n, eta),
         jac=lambda q: 2 * utility * (q - eta),
@@ -99,9 +118,6 @@ def qp_oracle(
         ],
         options={"maxiter": 1000, "ftol": 1e-15},
     )
-    # SLSQP may end on "positive directional derivative" at the optimum: judge the point itself
-    assert np.max(g @ res.x / n - b) <= 1e-10 and abs(res.x.mean() - eta) <= 1e-10, res.message
-    return res.x, float(res.fun) / n
 
 
 def lp_feasible(g: np.ndarray, b: np.ndarray, eta: float) -> bool:
@@ -176,7 +192,7 @@ def test_matches_qp_oracle(
     assert (res.eps_r, res.eps_d) == (eps_r, eps_d)
     f = objective(q, eta, u)
     assert f == pytest.approx(f_star, rel=2e-3, abs=1e-9)
-    assert np.max(np.abs(q - q_star)) < 0.02  # strictly convex: the optimum is unique
+    assert np.max(np.abs(q - q_star)) < 2e-3  # strictly convex: the optimum is unique
 
     # weights are constant within a class exactly when the utility is
     spread = {}
@@ -187,6 +203,21 @@ def test_matches_qp_oracle(
         assert varies > 1e-3
     else:
         assert varies == 0.0
+
+
+@pytest.mark.parametrize("bound", ["conditional", "joint"])
+def test_lp_certified_then_warm_continued(bound: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A one-iteration probe: the LP certifies feasibility, the ascent resumes where it was.
+    monkeypatch.setattr(m4, "_PROBE_ITERATIONS", 1)
+    attrs, indptr, indices = make_pool(0, 240, (2,))
+    eps = (0.01, 0.04) if bound == "conditional" else (0.002, 0.01)
+    opts = M4Options(eta=0.85, eps_r=eps[0], eps_d=eps[1], bound=bound, tol=1e-6)  # type: ignore[arg-type]
+    res = solve_m4(attrs, indptr, indices, 5, opts)
+    assert res.status == "optimal" and "(1 LPs)" in res.message, res.message
+    g, b = dense_rows(attrs, indptr, indices, 5, bound, *eps)
+    _, f_star = qp_oracle(g, b, 0.85, np.ones(240))
+    assert objective(res.weights, 0.85, np.ones(240)) == pytest.approx(f_star, rel=2e-3)
+    assert np.max(g @ res.weights / 240 - b) <= 1e-12
 
 
 def test_already_balanced_pool_keeps_everyone_equally() -> None:
@@ -273,6 +304,35 @@ def test_infeasible_reports_closest_achievable(
     g, b = dense_rows(attrs, indptr, indices, concepts, bound, res.eps_r, res.eps_d)
     assert np.max(g @ res.weights / len(res.weights) - b) <= 1e-12
     assert abs(res.mean - eta) <= tol
+
+
+@pytest.mark.parametrize("bound", ["conditional", "joint"])
+def test_feasible_with_less_room_than_tol_is_optimal(
+    bound: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Just above the closest achievable ε: feasible, but not once tightened by tol. The dual
+    # probe is cut to one iteration so the LPs decide (it may otherwise luck into a feasible
+    # iterate before it diverges).
+    monkeypatch.setattr(m4, "_PROBE_ITERATIONS", 1)
+    n = 100
+    labels = np.array([0] * 80 + [1] * 20)
+    attrs = [AttributeInput("a", labels, np.array([0.5, 0.5]), ("x", "y"))]
+    indptr = np.concatenate([[0], np.cumsum(np.arange(n) % 2)])
+    indices = np.zeros(n // 2, dtype=np.int64)
+    tol = 1e-3
+    opts = M4Options(eta=0.6, eps_r=0.0, eps_d=0.0, bound=bound, tol=tol)  # type: ignore[arg-type]
+    closest = solve_m4(attrs, indptr, indices, 1, opts).eps_d - tol  # within tol / 8 of t*
+    eps = closest + tol / 4
+    g, b = dense_rows(attrs, indptr, indices, 1, bound, eps, eps)
+    assert lp_feasible(g, b, 0.6)
+    assert not lp_feasible(*dense_rows(attrs, indptr, indices, 1, bound, eps - tol, eps - tol), 0.6)
+    opts = M4Options(eta=0.6, eps_r=eps, eps_d=eps, bound=bound, tol=tol)  # type: ignore[arg-type]
+    res = solve_m4(attrs, indptr, indices, 1, opts)
+    assert res.status == "optimal", res.message
+    assert "(0 LPs)" not in res.message
+    assert (res.eps_r, res.eps_d) == (eps, eps)
+    assert res.max_violation_r <= 0 and res.max_violation_d <= 0
+    assert np.max(g @ res.weights / n - b) <= 1e-12
 
 
 def test_status_agrees_with_lp_oracle_on_feasibility() -> None:

@@ -44,17 +44,22 @@ each class total Q_c(z) = Σ_{i∈c} clip(η − z v_i, 0, 1), v_i = 1/(2u_i), i
 samples are sorted by (class, v) once, and Q_c is read from prefix sums after one binary search
 per class, so an iteration costs O(classes · log N) instead of O(N).
 
-Tolerance: rows are solved tightened by min(tol, ε/2) (in the bound's units) and the ascent stops
-at the first iterate whose weights meet the true constraints (violation ≤ 0, checked on the
-per-sample weights), have |mean − η| ≤ tol, and whose complementary slackness gap is at most
-1e-3 of the objective. Hence status "optimal" means the returned weights meet ε exactly (ε = 0 can
-only be met to within tol).
+Tolerance: rows are solved tightened by a margin min(tol, ε/2) (in the bound's units) and the
+ascent stops at the first iterate whose weights meet the true constraints (violation ≤ 0, checked
+on the per-sample weights), have |mean − η| ≤ tol, and whose complementary-slackness gap
+Σ λ_j (b_j − tightened row_j) is at most 1e-3 of the objective. Hence status "optimal" means the
+returned weights meet ε exactly (ε = 0, or a feasible set thinner than tol/50, only to within tol).
 
-Feasibility does not depend on u: the rows only see class totals Q_c ∈ [0, n_c] with Σ Q_c = ηN,
-so one LP (HiGHS) decides it. When infeasible we find the smallest t ≥ 0 such that ε_R + t and
-ε_D + t are feasible (joint: one LP minimising t; conditional: the rows are bilinear in t and Q,
-so bisection with the LP as oracle, its solutions tightening the upper end), and solve M4 there
-(plus tol) with status "infeasible".
+Feasibility does not depend on u: the rows only see class totals Q_c ∈ [0, n_c] with Σ Q_c = ηN.
+The ascent runs first; weights that meet the rows certify feasibility, so a typical solve needs no
+LP. If it has not converged after `_PROBE_ITERATIONS`, an LP on the class fractions Q_c / n_c
+(HiGHS interior point) decides whether the tightened rows are feasible (then the ascent resumes).
+If not, we find the smallest t such that ε_R + t and ε_D + t are feasible. Joint: one LP
+minimising t. Conditional: the rows are bilinear in t and Q, so we solve LPs s(t) = min_Q max_j
+row_j (probability units) at trial t; since each row falls with t at a rate ≤ 1, t + s(t) bounds
+t* below (a Newton step), and each LP's Q bounds it above by its own worst row; bisection takes
+over when that stalls. t ≤ 0 means feasible with room −t: the margin shrinks to fit. Otherwise we
+solve M4 at ε + t + tol (margin tol/2) and return status "infeasible" with the enforced ε.
 """
 
 from __future__ import annotations
@@ -488,10 +493,11 @@ class _Feasibility:
     ) -> None:
         n = float(counts.sum())
         scale = sparse.diags(counts / n)
-        self.v = (scale @ (e @ rv)).T.tocsr()  # m × C
-        self.h = (scale @ (e @ rh)).T.tocsr()
-        self.mass = np.asarray(self.h.sum(axis=1)).ravel()
-        self.kind = kind
+        v = (scale @ (e @ rv)).T.tocsr()  # m × C
+        h = (scale @ (e @ rh)).T.tocsr()
+        mass = np.asarray(h.sum(axis=1)).ravel()
+        used = np.flatnonzero(mass > 0)  # rows of an attribute nobody is labelled for hold
+        self.v, self.h, self.mass, self.kind = v[used], h[used], mass[used], kind[used]
         self.bound = bound
         self.a_eq = (counts / n)[None, :]
         self.eta = eta
@@ -961,19 +967,28 @@ def solve_m4(
 
 
 def _give_up(prob: _Problem, started: float, lps: int) -> M4Result:
-    """An LP failed, so the closest achievable ε is unknown (for η ∈ (0, 1] some ε is always
-    feasible: keeping every sample at η meets the ε of the untouched pool)."""
-    eta = prob.options.eta
+    """An LP failed (numerically), so the closest achievable ε is unknown: fall back to keeping
+    every sample at η, which meets the ε of the untouched pool."""
+    opt = prob.options
+    asked = (opt.eps_r, opt.eps_d)
+    weights = np.full(prob.n, opt.eta)
+    vals = prob.values(weights, asked)
+    viol_r = _max_violation(vals["representation_violation"], asked[0])
+    viol_d = _max_violation(vals["association_violation"], asked[1])
+    t = max(viol_r, viol_d, 0.0)
     return M4Result(
-        weights=np.full(prob.n, eta),
+        weights=weights,
         status="infeasible",
         iterations=prob.iterations,
-        mean=eta,
-        eps_r=math.inf,
-        eps_d=math.inf,
-        max_violation_r=math.inf,
-        max_violation_d=math.inf,
+        mean=opt.eta,
+        eps_r=asked[0] + t,
+        eps_d=asked[1] + t,
+        max_violation_r=viol_r,
+        max_violation_d=viol_d,
         classes=prob.classes.size,
         seconds=time.perf_counter() - started,
-        message=f"M4 infeasible: no achievable ε found for η = {eta} (an LP failed; {lps} LPs)",
+        message=(
+            f"M4 infeasible: an LP failed ({lps} LPs), so every sample is kept at η = {opt.eta}; "
+            f"ε_R {asked[0] + t:.4g} ε_D {asked[1] + t:.4g} ({opt.bound})"
+        ),
     )
