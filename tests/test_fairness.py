@@ -15,7 +15,7 @@ from fairkit import OCCUPATIONS, people_rows, write_people_shards
 from curate.balance.metadata import load_metadata
 from curate.errors import InputError
 from curate.fairness.audit import AuditOptions, audit, read_audit
-from curate.fairness.lexicon import MIXED, TermLexicon, caption_labels, caption_mentions_person
+from curate.fairness.lexicon import MIXED, caption_labels, caption_mentions_person
 from curate.fairness.spec import load_spec
 from curate.fairness.zeroshot import class_probabilities, confident_labels, prompt_ensembles
 
@@ -79,6 +79,7 @@ def test_user_spec_in_yaml_and_json(tmp_path: Path) -> None:
         ("{attributes: {c: {groups: {a: {terms: [x, x]}, b: {terms: [y]}}}}}", "listed twice"),
         ("{attributes: {c: {groups: {a: {}, b: {terms: [y]}}}}}", "needs terms"),
         ("{attributes: {c: {groups: {a: {terms: ['']}, b: {terms: [y]}}}}}", "non-empty string"),
+        ("{attributes: {c: {groups: {a: {terms: [mr.]}, b: {terms: [y]}}}}}", "letter or digit"),
         (
             "{attributes: {c: {groups: {a: {terms: [x]}, b: {terms: [y]}}, "
             "target: {a: 0.5, b: 0.6}}}}",
@@ -193,9 +194,12 @@ def test_caption_labels_match_a_per_term_oracle_on_random_captions() -> None:
         assert label == expected, caption
 
 
-def test_term_lexicon_empty_and_person_only() -> None:
-    assert TermLexicon({}).find("a woman") == set()
-    assert TermLexicon({"nurse": 0}).find("NURSE!") == {0}
+def test_caption_labels_take_a_series_and_specs_without_terms(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, GOOD))
+    colour = spec.attribute("colour")
+    series = pl.Series(["CRIMSON sky", None, "red and blue", "reddish"], dtype=pl.String)
+    assert caption_labels(series, colour) == ["red", None, MIXED, None]
+    assert caption_mentions_person(series, spec).tolist() == [True, False, True, False]
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,8 +61,18 @@ AttributeOpt = Annotated[
     typer.Option(
         "--attribute",
         "-a",
-        help="Attribute of the spec to use (repeatable). Default: every attribute.",
+        help="Attribute of the spec to audit (repeatable). Default: every attribute.",
         rich_help_panel="Attributes",
+    ),
+]
+RebalanceAttributeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--attribute",
+        "-a",
+        help="Attribute to balance (repeatable; m4 balances several at once). Default: the "
+        "audit's first (gender in the built-in spec).",
+        rich_help_panel="Method",
     ),
 ]
 
@@ -165,6 +175,15 @@ def audit_command(
             rich_help_panel="Metrics",
         ),
     ] = DesiredChoice.uniform,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Skew smoothing: added to every group's top-k count, so a group missing from "
+            "the top k has a finite skew (0: the raw formula).",
+            rich_help_panel="Metrics",
+        ),
+    ] = 1.0,
     prompt: Annotated[
         str,
         typer.Option(help="Neutral retrieval prompt per concept.", rich_help_panel="Metrics"),
@@ -228,6 +247,7 @@ def audit_command(
         target=target.value,  # type: ignore[arg-type]
         k=k,
         desired=desired.value,  # type: ignore[arg-type]
+        alpha=alpha,
         prompt=prompt,
         retrieval=not no_retrieval,
         min_support=min_support,
@@ -278,7 +298,7 @@ def rebalance_command(
             rich_help_panel="Method",
         ),
     ] = MethodChoice.m4,
-    attribute: AttributeOpt = None,
+    attribute: RebalanceAttributeOpt = None,
     eta: Annotated[
         float,
         typer.Option(

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from curate.balance.matching import MatchMode
 from curate.balance.metadata import Metadata
@@ -292,7 +293,9 @@ def audit(
     uid, errors = pool_errors(frame)
     ok = errors.is_null().to_numpy()
     indptr, indices = matches_csr(frame["entry_ids"], ok)
-    captions = [c if good else None for c, good in zip(frame["caption"].to_list(), ok, strict=True)]
+    captions = frame.select(
+        pl.when(pl.Series(ok)).then(pl.col("caption")).alias("caption")
+    ).to_series()
 
     columns: dict[str, Any] = {
         "uid": uid,
@@ -387,10 +390,9 @@ def audit(
             _summarize_retrieval(summary, retrieval)
         summaries.append(summary)
 
-    columns["concepts"] = pl.Series(
-        [indices[indptr[i] : indptr[i + 1]].tolist() for i in range(len(ok))],
-        dtype=pl.List(pl.Int32),
-    )
+    columns["concepts"] = pl.from_arrow(
+        pa.LargeListArray.from_arrays(pa.array(indptr), pa.array(indices.astype(np.int32)))
+    ).cast(pl.List(pl.Int32))
     table = pl.DataFrame(columns)
     failures = Counter(failure_code(e) for e in errors.drop_nulls().to_list())
     report = AuditReport(

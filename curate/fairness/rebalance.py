@@ -59,7 +59,7 @@ Augment = Literal["none", "swap"]
 @dataclass(frozen=True)
 class RebalanceOptions:
     method: Method = "m4"
-    attributes: tuple[str, ...] = ()  # empty: every attribute of the audit (resample: the first)
+    attributes: tuple[str, ...] = ()  # empty: the audit's first attribute
     eta: float = 0.9
     eps_r: float = 0.01
     eps_d: float = 0.05
@@ -198,9 +198,7 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
     options.validate()
     record, pool = read_audit(audit_dir)
     all_names = list(record["spec"]["attributes"])
-    names = list(options.attributes) or (
-        all_names[:1] if options.method == "resample" else all_names
-    )
+    names = list(options.attributes) or all_names[:1]
     for name in names:
         if name not in all_names:
             raise InputError(

@@ -38,6 +38,7 @@ SPEC_VERSION = 1
 RESERVED_GROUPS = ("mixed", "unknown")
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_WORD_EDGE = re.compile(r"\w")  # caption terms start and end with one (word boundaries)
 
 
 def normalize_term(term: str) -> str:
@@ -255,6 +256,12 @@ def _attribute(name: Any, value: Any, file: Path, label: str) -> Attribute:
         if not terms and not prompts:
             raise _fail(label, gkey, "needs terms (caption words) or prompts (image prompts)")
         for i, term in enumerate(terms):
+            if not (_WORD_EDGE.match(term) and _WORD_EDGE.match(term[-1])):
+                raise _fail(
+                    label,
+                    f"{gkey}.terms[{i}]",
+                    f"{term!r} must start and end with a letter or digit",
+                )
             norm = normalize_term(term)
             if norm in owner:
                 where = "twice" if owner[norm] == group_name else f"also in {owner[norm]}"
