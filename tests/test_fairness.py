@@ -299,9 +299,11 @@ def test_audit_counts_match_ground_truth_and_find_the_injected_bias(
     assert gender.mixed == sum(r.gender == "mixed" for r in rows)
     assert {c.concept for c in gender.most_skewed[:2]} == {"nurse", "engineer"}
     nurse = next(c for c in gender.most_skewed if c.concept == "nurse")
-    assert nurse.group in ("female", "male")
+    assert nurse.group == "female"  # the over-represented group
     share_f = truth[("nurse", "female")] / (truth[("nurse", "female")] + truth[("nurse", "male")])
-    assert nurse.share == pytest.approx(share_f if nurse.group == "female" else 1 - share_f)
+    assert nurse.share == pytest.approx(share_f)
+    engineer = next(c for c in gender.most_skewed if c.concept == "engineer")
+    assert engineer.group == "male" and engineer.share > 0.7
     assert nurse.ci_low < nurse.share < nurse.ci_high
     assert gender.association_bias == pytest.approx(abs(share_f - 0.5))
 
@@ -413,7 +415,7 @@ def test_image_labels_find_the_injected_colour_shape_association(
     colour = report.attributes[0]
     by_concept = {c.concept: c for c in colour.most_skewed}
     assert by_concept["circle"].group == "red" and by_concept["circle"].share > 0.7
-    assert by_concept["square"].share < 0.3  # red share of squares
+    assert by_concept["square"].group == "blue" and by_concept["square"].share > 0.7
     # Retrieval ranks by similarity to the prompt: "a red …" retrieves red images.
     retrieval = pl.read_parquet(out / "retrieval.parquet")
     assert retrieval.height == 3 and (retrieval["k"] == 40).all()
@@ -430,3 +432,15 @@ def test_image_labels_find_the_injected_colour_shape_association(
         device="cpu",
     )
     assert blue.attributes[0].retrieval_worst[0]["group"] == "blue"
+
+
+def test_library_example_runs(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "examples" / "fairness_with_library.py"
+    spec = importlib.util.spec_from_file_location("fairness_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(tmp_path)
+    assert result["before"] > 0.3 and result["weights"] <= 0.05 + 1e-6

@@ -100,7 +100,7 @@ class AuditOptions:
 class SkewedConcept:
     concept: str
     total: float
-    group: str  # the group furthest from its target share
+    group: str  # the most over-represented group
     share: float
     target: float
     ci_low: float
@@ -490,7 +490,7 @@ def _summarize_attribute(
     order = [int(r) for r in np.argsort(-bias, kind="stable")[:top] if bias[r] >= 0]
     skewed = []
     for r in order:
-        g = int(np.nanargmax(np.abs(assoc.diff[r])))
+        g = int(np.nanargmax(assoc.diff[r]))  # the most over-represented group
         skewed.append(
             SkewedConcept(
                 concept=concepts[r],
