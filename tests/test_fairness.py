@@ -444,3 +444,98 @@ def test_library_example_runs(tmp_path: Path) -> None:
     spec.loader.exec_module(module)
     result = module.main(tmp_path)
     assert result["before"] > 0.3 and result["weights"] <= 0.05 + 1e-6
+
+
+def _no_nan(text: str) -> dict:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+ORDERED_SPEC = """
+attributes:
+  shade:
+    groups:
+      red: {terms: [red]}
+      blue: {terms: [blue]}
+    target: {red: 0.25, blue: 0.75}
+  size:
+    groups:
+      small: {terms: [small]}
+      big: {terms: [big]}
+"""
+
+
+def test_rebalance_keeps_group_order_and_targets_of_the_spec(tmp_path: Path) -> None:
+    """Groups not in alphabetical order, non-uniform targets, two attributes at once."""
+    from curate.fairness.rebalance import RebalanceOptions, rebalance
+
+    rng = random.Random(5)
+    rows = []
+    for i in range(2000):
+        shade = "red" if rng.random() < 0.25 else "blue"
+        thing = rng.choice(["car", "kite"])
+        size = (
+            ("small" if rng.random() < 0.65 else "big")
+            if thing == "car"
+            else rng.choice(["small", "big"])
+        )
+        rows.append((f"{i:032x}", f"a {size} {shade} {thing}"))
+    table = tmp_path / "pool.parquet"
+    pl.DataFrame(rows, schema=["uid", "caption"], orient="row").write_parquet(table)
+    concepts = tmp_path / "things.txt"
+    concepts.write_text("car\nkite\n")
+    spec = load_spec(_write(tmp_path, ORDERED_SPEC))
+    report = audit(str(table), load_metadata(concepts), tmp_path / "a", spec, AuditOptions())
+    shade = report.attributes[0]
+    assert shade.groups == ["red", "blue"] and shade.target == [0.25, 0.75]
+    assert shade.representation_bias < 0.03  # the pool is 25% red, as the target
+    record = _no_nan((tmp_path / "a" / "audit.json").read_text())
+    assert [a["name"] for a in record["attributes"]] == ["shade", "size"]
+
+    result = rebalance(
+        tmp_path / "a",
+        tmp_path / "r",
+        RebalanceOptions(attributes=("shade", "size"), eta=0.8, eps_r=0.05, eps_d=0.05),
+    )
+    by_name = {c.attribute: c for c in result.attributes}
+    assert by_name["shade"].groups == ["red", "blue"]
+    assert by_name["shade"].representation_before == pytest.approx(shade.representation_bias)
+    assert result.status == "optimal", result.message
+    assert by_name["size"].association_before > 0.1  # cars are mostly small
+    for change in by_name.values():
+        assert change.association_weights <= 0.05 + 1e-6
+        assert change.representation_weights <= 0.05 + 1e-6
+    _no_nan((tmp_path / "r" / "rebalance.json").read_text())
+    # Default attribute: the audit's first.
+    first = rebalance(tmp_path / "a", tmp_path / "r1", RebalanceOptions(eta=0.9))
+    assert [c.attribute for c in first.attributes] == ["shade"]
+
+
+@pytest.mark.parametrize("name", ["error", "concepts", "uid", "person", "colour_image"])
+def test_attribute_names_cannot_clash_with_label_columns(tmp_path: Path, name: str) -> None:
+    text = f"{{attributes: {{{name}: {{groups: {{a: {{terms: [x]}}, b: {{terms: [y]}}}}}}}}}}"
+    with pytest.raises(InputError, match="clash"):
+        load_spec(_write(tmp_path, text))
+
+
+def test_prompt_and_person_prompt_checks(people: tuple[Path, list, Path], tmp_path: Path) -> None:
+    shards, _, concepts = people
+    meta = load_metadata(concepts)
+    with pytest.raises(InputError, match="only use the placeholder"):
+        AuditOptions(prompt="a {concept} at {place}").validate()
+    spec_path = _write(
+        tmp_path,
+        "{person: {terms: [person]}, attributes: {g: {groups: {a: {prompts: [p]}, "
+        "b: {prompts: [q]}}}}}",
+    )
+    with pytest.raises(InputError, match="no person prompts"):
+        audit(
+            str(shards),
+            meta,
+            tmp_path / "o",
+            load_spec(spec_path),
+            AuditOptions(infer="image"),
+            run=tmp_path,
+        )

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from curate.runtime.atomic import strict_json
 from curate.runtime.progress import stderr_console
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ def _fmt(value: float | None) -> str:
 
 
 def print_json(payload: dict[str, Any]) -> None:
-    print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    print(json.dumps(strict_json(payload), indent=2, sort_keys=True, default=str))
 
 
 def warn_shard_problems(shard_errors: dict[str, str], truncated: dict[str, str]) -> None:
@@ -230,7 +232,7 @@ def balance_summary(report: BalanceReport) -> None:
         for row in report.head:
             top.add_row(
                 str(row.entry_id),
-                row.entry,
+                escape(row.entry),
                 str(row.before),
                 str(row.after),
                 f"{row.probability:.3f}",
@@ -391,7 +393,7 @@ def audit_summary(report: AuditReport) -> None:
             )
             for row in attr.most_skewed:
                 top.add_row(
-                    row.concept,
+                    escape(row.concept),
                     f"{row.total:.0f}",
                     row.group,
                     _pct(row.share),
@@ -419,7 +421,7 @@ def audit_summary(report: AuditReport) -> None:
             )
             for row in attr.retrieval_worst:
                 ret.add_row(
-                    row["concept"],
+                    escape(row["concept"]),
                     str(row["k"]),
                     _fmt(row["max_skew"]),
                     str(row["group"]),
@@ -428,7 +430,7 @@ def audit_summary(report: AuditReport) -> None:
             stdout_console.print(ret)
     stdout_console.print(
         f"tables: {report.out}/representation.parquet, association.parquet"
-        + (", retrieval.parquet" if report.infer != "caption" else "")
+        + (", retrieval.parquet" if report.retrieval else "")
         + f"; labels: {report.out}/labels.parquet",
         highlight=False,
         soft_wrap=True,
@@ -455,7 +457,7 @@ def rebalance_summary(report: RebalanceReport) -> None:
     stdout_console.print(head)
     if report.message:
         colour = "yellow" if report.status in ("infeasible", "max_iter") else "default"
-        stdout_console.print(f"[{colour}]{report.message}[/{colour}]", highlight=False)
+        stdout_console.print(f"[{colour}]{escape(report.message)}[/{colour}]", highlight=False)
     for change in report.attributes:
         table = Table(
             title=f"{change.attribute}: bias before and after "
@@ -487,7 +489,7 @@ def rebalance_summary(report: RebalanceReport) -> None:
             )
         stdout_console.print(table)
     if report.unbalanced_concepts:
-        names = ", ".join(report.unbalanced_concepts[:10])
+        names = escape(", ".join(report.unbalanced_concepts[:10]))
         more = len(report.unbalanced_concepts) - 10
         stdout_console.print(
             f"[yellow]left as they are (a group has no labelled sample): {names}"

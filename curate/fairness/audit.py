@@ -90,7 +90,13 @@ class AuditOptions:
             raise InputError(f"--k must be at least 1, got {self.k}")
         if self.alpha < 0:
             raise InputError(f"--alpha must be >= 0, got {self.alpha}")
-        if "{concept}" not in self.prompt:
+        try:
+            filled = self.prompt.format(concept="\0")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise InputError(
+                f"--prompt may only use the placeholder {{concept}}, got {self.prompt!r}"
+            ) from exc
+        if "\0" not in filled:
             raise InputError(f"--prompt must contain {{concept}}, got {self.prompt!r}")
         if self.min_support < 1:
             raise InputError(f"--min-support must be at least 1, got {self.min_support}")
@@ -145,11 +151,20 @@ class AuditReport:
     images: int  # OK rows with an image embedding
     with_concept: int
     person_gated: bool  # False: the spec has no person block, every sample counts
+    retrieval: bool  # retrieval.parquet was written
     attributes: list[AttributeSummary]
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class AuditedAttribute:
+    name: str
+    groups: list[str]
+    target: list[float]  # the audit's π, in group order
+    swap: str | None
 
 
 @dataclass
@@ -162,6 +177,7 @@ class Pool:
     concept_indices: np.ndarray
     concepts: list[str]
     labels: dict[str, np.ndarray]  # attribute → (N,) int group id, −1 unlabelled or failed
+    attributes: list[AuditedAttribute]  # in the audit's order
 
 
 def group_ids(values: Sequence[str | None], groups: Sequence[str]) -> np.ndarray:
@@ -170,55 +186,53 @@ def group_ids(values: Sequence[str | None], groups: Sequence[str]) -> np.ndarray
     return np.fromiter((index.get(v, -1) if v else -1 for v in values), np.int64, len(values))
 
 
-def target_shares(attribute: Attribute, rule: TargetRule, labels: np.ndarray) -> np.ndarray:
-    """π: the spec's shares, uniform, or the pool's own labelled shares (smoothed by 1)."""
-    k = len(attribute.groups)
+def target_shares(given: Sequence[float], rule: str, labels: np.ndarray) -> np.ndarray:
+    """π: the given shares (``spec`` / ``audit``), ``uniform``, or the pool's own labelled
+    shares (``pool``, each group count plus one)."""
+    k = len(given)
     if rule == "uniform":
         return np.full(k, 1.0 / k)
     if rule == "pool":
         counts = np.bincount(labels[labels >= 0], minlength=k).astype(np.float64)
         return smoothed_shares(counts, 1.0)
-    return np.asarray(attribute.target, dtype=np.float64)
+    return np.asarray(given, dtype=np.float64)
 
 
-def _image_labels(
-    frame: pl.DataFrame,
-    ok: np.ndarray,
-    spec: AttributeSpec,
-    run_path: Path,
-    options: AuditOptions,
-    device: str,
-) -> tuple[dict[str, Any], np.ndarray, Callable[[list[str]], np.ndarray]]:
-    """Zero-shot person and group probabilities for every row with an image embedding."""
+@dataclass
+class RunImages:
+    """A run folder's image embeddings aligned with the pool's rows, and its model."""
+
+    embeddings: np.ndarray  # (N, dim) float16; zeros where a row has no embedding
+    present: np.ndarray  # (N,) bool
+    encode: Callable[[list[str]], np.ndarray]  # the run model's text encoder
+    logit_scale: float
+
+
+def _run_images(uids: Sequence[str], ok: np.ndarray, run_path: Path, device: str) -> RunImages:
+    """Join the run's embeddings to the pool by uid (the first OK run row of a uid wins)."""
     from curate.embedding.stage import ModelSpec
     from curate.embedding.store import RunFolder
     from curate.scoring.stage import load_pool
 
     run = RunFolder(run_path)
-    record = run.read_record()
-    if record is None:
+    if run.read_record() is None:
         raise InputError(f"--run {run_path} is not a curate run folder (no run.json)")
-    stems = run.complete_stems()
-    meta, arrays = load_pool(run, stems, with_embeddings=["image_emb"])
+    meta, arrays = load_pool(run, run.complete_stems(), with_embeddings=["image_emb"])
     model_record = run.model_record()
     run_ok = np.asarray(meta.column("error").is_null())
-    run_uids = [u.lower() for u in meta.column("uid").to_pylist()]
-    ok_uids = [u for u, good in zip(run_uids, run_ok, strict=True) if good]
-    position = {u: i for i, u in enumerate(ok_uids)}  # first OK row of a uid wins
-    dim = int(model_record["embed_dim"])
-    image_emb = np.zeros((frame.height, dim), dtype=np.float16)
-    rows = [
-        (i, position[u])
-        for i, (u, good) in enumerate(zip(frame["uid"].to_list(), ok, strict=True))
-        if good and u in position
+    ok_uids = [
+        u.lower() for u, good in zip(meta.column("uid").to_pylist(), run_ok, strict=True) if good
     ]
-    if rows:
-        mine, theirs = map(np.asarray, zip(*rows, strict=True))
-        image_emb[mine] = arrays["image_emb"][theirs]
-    has_image = np.zeros(frame.height, dtype=bool)
-    if rows:
-        has_image[mine] = True
-
+    position: dict[str, int] = {}
+    for i, u in enumerate(ok_uids):
+        position.setdefault(u, i)
+    embeddings = np.zeros((len(uids), int(model_record["embed_dim"])), dtype=np.float16)
+    pairs = [(i, position[u]) for i, u in enumerate(uids) if ok[i] and u in position]
+    present = np.zeros(len(uids), dtype=bool)
+    if pairs:
+        mine, theirs = (np.asarray(x) for x in zip(*pairs, strict=True))
+        embeddings[mine] = arrays["image_emb"][theirs]
+        present[mine] = True
     model = ModelSpec(
         model=model_record["model"], pretrained=model_record.get("pretrained"), device=device
     ).load()
@@ -226,21 +240,25 @@ def _image_labels(
         raise InputError(
             f"the model of run {run_path} now loads with other weights than it was embedded with"
         )
-    encode = model.encode_texts
-    scale = float(model_record["logit_scale"])
-    out: dict[str, Any] = {"has_image": has_image}
+    return RunImages(embeddings, present, model.encode_texts, float(model_record["logit_scale"]))
+
+
+def _zero_shot(images: RunImages, spec: AttributeSpec, options: AuditOptions) -> dict[str, Any]:
+    """Person probabilities and confident group labels for every row with an embedding."""
+    out: dict[str, Any] = {}
     if spec.person_prompts:
         classes = prompt_ensembles(
-            encode, [spec.person_prompts, *[[p] for p in spec.other_prompts]]
+            images.encode, [spec.person_prompts, *[[p] for p in spec.other_prompts]]
         )
-        out["person_prob"] = class_probabilities(image_emb, classes, scale)[:, 0]
+        out["person_prob"] = class_probabilities(images.embeddings, classes, images.logit_scale)[
+            :, 0
+        ]
     for attribute in spec.attributes:
-        if not attribute.has_prompts:
-            continue
-        classes = prompt_ensembles(encode, [g.prompts for g in attribute.groups])
-        probs = class_probabilities(image_emb, classes, scale)
-        out[attribute.name] = confident_labels(probs, options.min_confidence)
-    return out, image_emb, encode
+        if attribute.has_prompts:
+            classes = prompt_ensembles(images.encode, [g.prompts for g in attribute.groups])
+            probs = class_probabilities(images.embeddings, classes, images.logit_scale)
+            out[attribute.name] = confident_labels(probs, options.min_confidence)
+    return out
 
 
 def audit(
@@ -278,6 +296,11 @@ def audit(
         raise InputError("no attribute in the spec has caption terms; use --infer image")
     if infer != "caption" and not any(a.has_prompts for a in spec.attributes):
         raise InputError("no attribute in the spec has image prompts; use --infer caption")
+    if infer == "image" and spec.person_terms and not spec.person_prompts:
+        raise InputError(
+            "--infer image: the spec has person terms but no person prompts, so no image could "
+            "be told to show a person; add person.prompts or use --infer both"
+        )
 
     units = resolve_units(specs, caption_column)
     if on_units:
@@ -309,16 +332,17 @@ def audit(
         caption_mentions_person(captions, spec) if use_captions else np.zeros(len(ok), bool)
     )
     columns["person_caption"] = person_caption
+    images: RunImages | None = None
     image: dict[str, Any] = {}
-    image_emb: np.ndarray | None = None
-    encode = None
-    if infer != "caption":
-        assert run is not None
+    if run is not None and (infer != "caption" or options.retrieval):
         if on_step:
-            on_step("zero-shot labels from images")
-        labelled_frame = pl.DataFrame({"uid": uid})
-        image, image_emb, encode = _image_labels(labelled_frame, ok, spec, run, options, device)
-    has_image = image.get("has_image", np.zeros(len(ok), bool))
+            on_step("reading image embeddings")
+        images = _run_images(uid.to_list(), ok, Path(run), device)
+        if infer != "caption":
+            if on_step:
+                on_step("zero-shot labels from images")
+            image = _zero_shot(images, spec, options)
+    has_image = images.present if images is not None else np.zeros(len(ok), bool)
     person_prob = image.get("person_prob")
     person_image = (
         np.nan_to_num(person_prob, nan=-1.0) >= options.person_threshold
@@ -372,7 +396,7 @@ def audit(
         columns[f"{name}_source"] = pl.Series(source, dtype=pl.String)
         ids_all = np.where(ok, group_ids(combined, groups), -1)
         labels[name] = ids_all
-        target = target_shares(attribute, options.target, ids_all)
+        target = target_shares(attribute.target, options.target, ids_all)
         rep = representation_bias(ids_all, len(groups), target)
         assoc = association_bias(ids_all, indptr, indices, concepts.size, len(groups), target)
         representation_frames.append(_share_frame(name, groups, rep, None))
@@ -380,12 +404,10 @@ def audit(
         summary = _summarize_attribute(
             attribute, target, ids_all, combined, source, rep, assoc, names, options.min_support
         )
-        if image_emb is not None and encode is not None and options.retrieval:
+        if images is not None and options.retrieval:
             if on_step:
                 on_step(f"retrieval bias ({name})")
-            retrieval = _retrieval(
-                attribute, ids_all, has_image, image_emb, encode, indices, names, options
-            )
+            retrieval = _retrieval(attribute, ids_all, images, indices, names, options)
             retrieval_frames.append(retrieval)
             _summarize_retrieval(summary, retrieval)
         summaries.append(summary)
@@ -409,6 +431,7 @@ def audit(
         images=int((ok & has_image).sum()),
         with_concept=int((np.diff(indptr) > 0).sum()),
         person_gated=gated,
+        retrieval=bool(retrieval_frames),
         attributes=summaries,
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -438,10 +461,17 @@ def audit(
             "options": {**asdict(options), "infer": infer, "match": mode.value},
             "run": str(Path(run).resolve()) if run is not None else None,
             "spec": spec.to_json(),
-            "targets": {
-                a.name: target_shares(a, options.target, labels[a.name]).tolist()
+            # Ordered lists (JSON objects are written with sorted keys): attribute order, group
+            # order and targets as the labels and tables use them.
+            "attributes": [
+                {
+                    "name": a.name,
+                    "groups": list(a.group_names),
+                    "target": target_shares(a.target, options.target, labels[a.name]).tolist(),
+                    "swap": str(a.swap) if a.swap else None,
+                }
                 for a in spec.attributes
-            },
+            ],
             "report": {k: v for k, v in report.to_json().items() if k != "seconds"},
         },
     )
@@ -525,16 +555,14 @@ def _summarize_attribute(
 def _retrieval(
     attribute: Attribute,
     ids: np.ndarray,
-    has_image: np.ndarray,
-    image_emb: np.ndarray,
-    encode: Callable[[list[str]], np.ndarray],
+    images: RunImages,
     indices: np.ndarray,
     concepts: Sequence[str],
     options: AuditOptions,
 ) -> pl.DataFrame:
     """MaxSkew@k, MinSkew@k and NDKL of one neutral prompt per concept over labelled images."""
     groups = attribute.group_names
-    candidates = np.flatnonzero((ids >= 0) & has_image)
+    candidates = np.flatnonzero((ids >= 0) & images.present)
     counts = np.bincount(indices, minlength=len(concepts))
     chosen = [
         int(r)
@@ -562,8 +590,8 @@ def _retrieval(
     }
     if chosen and len(candidates):
         prompts = [options.prompt.format(concept=concepts[r]) for r in chosen]
-        text = encode(prompts).astype(np.float32)
-        emb = image_emb[candidates].astype(np.float32)
+        text = images.encode(prompts).astype(np.float32)
+        emb = images.embeddings[candidates].astype(np.float32)
         for start in range(0, len(chosen), 64):
             sims = emb @ text[start : start + 64].T
             for j in range(sims.shape[1]):
@@ -639,8 +667,11 @@ def read_audit(folder: Path) -> tuple[dict[str, Any], Pool]:
         raise InputError(f"{folder}: cannot read labels.parquet / concepts.json: {exc}") from exc
     ok = frame["error"].is_null().to_numpy()
     indptr, indices = matches_csr(frame["concepts"], ok)
+    try:
+        attributes = [AuditedAttribute(**a) for a in record["attributes"]]
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"{record_path}: no readable attribute list") from exc
     labels = {
-        name: np.where(ok, group_ids(frame[name].to_list(), list(attr["groups"])), -1)
-        for name, attr in record["spec"]["attributes"].items()
+        a.name: np.where(ok, group_ids(frame[a.name].to_list(), a.groups), -1) for a in attributes
     }
-    return record, Pool(frame, ok, indptr, indices, list(concepts), labels)
+    return record, Pool(frame, ok, indptr, indices, list(concepts), labels, attributes)

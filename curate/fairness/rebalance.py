@@ -37,7 +37,7 @@ import polars as pl
 
 from curate.balance.sampling import uniform_draws
 from curate.errors import InputError
-from curate.fairness.audit import Pool, _share_frame, read_audit
+from curate.fairness.audit import Pool, _share_frame, read_audit, target_shares
 from curate.fairness.m4 import AttributeInput, M4Options, solve_m4
 from curate.fairness.metrics import ShareTable, association_bias, representation_bias
 from curate.io.uid_files import uids_to_pairs, write_datacomp_npy
@@ -120,22 +120,10 @@ class RebalanceReport:
         return asdict(self)
 
 
-def _targets(
-    record: dict[str, Any], pool: Pool, names: list[str], rule: str
-) -> dict[str, np.ndarray]:
-    out = {}
-    for name in names:
-        groups = record["spec"]["attributes"][name]["groups"]
-        k = len(groups)
-        if rule == "audit":
-            out[name] = np.asarray(record["targets"][name], dtype=np.float64)
-        elif rule == "uniform":
-            out[name] = np.full(k, 1.0 / k)
-        else:
-            labels = pool.labels[name]
-            counts = np.bincount(labels[labels >= 0], minlength=k).astype(np.float64) + 1.0
-            out[name] = counts / counts.sum()
-    return out
+def _targets(pool: Pool, names: list[str], rule: str) -> dict[str, np.ndarray]:
+    """π per attribute: the audit's, uniform, or the pool's labelled shares."""
+    given = {a.name: a.target for a in pool.attributes}
+    return {name: target_shares(given[name], rule, pool.labels[name]) for name in names}
 
 
 def resample_weights(
@@ -197,7 +185,7 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
     start = time.perf_counter()
     options.validate()
     record, pool = read_audit(audit_dir)
-    all_names = list(record["spec"]["attributes"])
+    all_names = [a.name for a in pool.attributes]
     names = list(options.attributes) or all_names[:1]
     for name in names:
         if name not in all_names:
@@ -206,8 +194,8 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
             )
     if options.method == "resample" and len(names) != 1:
         raise InputError("--method resample balances one attribute; name it with --attribute")
-    targets = _targets(record, pool, names, options.target)
-    groups = {n: list(record["spec"]["attributes"][n]["groups"]) for n in names}
+    targets = _targets(pool, names, options.target)
+    groups = {a.name: a.groups for a in pool.attributes}
     min_support = options.min_support or int(record["options"].get("min_support", 20))
     n = pool.frame.height
     ok = pool.ok
@@ -326,7 +314,7 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
     counterfactuals = None
     out.mkdir(parents=True, exist_ok=True)
     if options.augment == "swap":
-        frame = _counterfactuals(pool, kept, record, names, options.swap_table)
+        frame = _counterfactuals(pool, kept, options.swap_table)
         counterfactuals = frame.height
         (out / REWRITES_DIR).mkdir(exist_ok=True)
         write_atomic(
@@ -385,25 +373,20 @@ _METRIC_COLUMNS = [
 ]
 
 
-def _counterfactuals(
-    pool: Pool, kept: np.ndarray, record: dict[str, Any], names: list[str], table_path: str | None
-) -> pl.DataFrame:
+def _counterfactuals(pool: Pool, kept: np.ndarray, table_path: str | None) -> pl.DataFrame:
     """Swapped captions of kept samples, in curate rewrite's table format."""
-    from curate.fairness.swap import default_swap_table, load_swap_table
+    from curate.fairness.swap import load_swap_table, swap_many
 
     if table_path is not None:
         table = load_swap_table(table_path)
     else:
-        attributes = record["spec"]["attributes"]
-        with_swap = [n for n in attributes if attributes[n].get("swap")]
+        with_swap = [a for a in pool.attributes if a.swap]
         if not with_swap:
             raise InputError(
                 "--augment swap: no attribute in the spec names a swap table; "
                 "give --swap-table FILE"
             )
-        path = attributes[with_swap[0]]["swap"]
-        table = load_swap_table(path) if Path(path).is_file() else default_swap_table()
-    from curate.fairness.swap import swap_many
+        table = load_swap_table(with_swap[0].swap)
 
     rows = np.flatnonzero(kept)
     captions = pool.frame["caption"].gather(rows).to_list()

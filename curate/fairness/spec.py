@@ -36,6 +36,9 @@ __all__ = ["Attribute", "AttributeSpec", "Group", "load_spec", "normalize_term"]
 
 SPEC_VERSION = 1
 RESERVED_GROUPS = ("mixed", "unknown")
+# labels.parquet holds these columns, and <attribute><suffix> for every attribute.
+RESERVED_COLUMNS = ("uid", "shard", "key", "caption", "error", "person", "concepts")
+ATTRIBUTE_SUFFIXES = ("_caption", "_image", "_image_conf", "_source", "_image_prob")
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _WORD_EDGE = re.compile(r"\w")  # caption terms start and end with one (word boundaries)
@@ -230,6 +233,8 @@ def _attribute(name: Any, value: Any, file: Path, label: str) -> Attribute:
     key = f"attributes.{name}"
     if not isinstance(name, str) or not _ATTRIBUTE_NAME.match(name):
         raise _fail(label, key, "attribute names are lower-case identifiers (a-z, 0-9, _)")
+    if name in RESERVED_COLUMNS or name.endswith(ATTRIBUTE_SUFFIXES):
+        raise _fail(label, key, f"{name!r} would clash with a column of labels.parquet")
     if not isinstance(value, dict):
         raise _fail(label, key, "must be a mapping with 'groups'")
     extra = set(value) - {"description", "groups", "target", "swap"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,7 +34,18 @@ def write_atomic(final: Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
+def strict_json(payload: Any) -> Any:
+    """`payload` with NaN and ±inf floats as None, so the JSON is strict (jq, browsers)."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {k: strict_json(v) for k, v in payload.items()}
+    if isinstance(payload, list | tuple):
+        return [strict_json(v) for v in payload]
+    return payload
+
+
 def write_json_atomic(final: Path, payload: Any) -> None:
-    """Write `payload` as pretty, key-sorted JSON (stable bytes for the same content)."""
-    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    """Write `payload` as pretty, key-sorted, strict JSON (stable bytes for the same content)."""
+    text = json.dumps(strict_json(payload), indent=2, sort_keys=True) + "\n"
     write_atomic(final, lambda tmp: tmp.write_text(text, encoding="utf-8"))
