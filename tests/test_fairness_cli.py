@@ -46,6 +46,12 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list]
     return root / "shards", root / "audit", rows
 
 
+def _read_shards(folder: Path) -> list[dict]:
+    """Every sample of the written shards, as webdataset (what training reads) yields them."""
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
 def _gender_change(report: dict) -> dict:
     return next(a for a in report["attributes"] if a["attribute"] == "gender")
 
@@ -87,24 +93,9 @@ def test_m4_brings_association_bias_under_eps_and_writes_shards(
     assert before["association_bias"] > 0.25  # the injected 85% / 20% shares
 
     out = tmp_path / "m4"
-    code, stdout, err = run_cli(
-        [
-            "rebalance",
-            str(audit),
-            "--method",
-            "m4",
-            "--eta",
-            "0.8",
-            "--eps-r",
-            "0.02",
-            "--eps-d",
-            "0.05",
-            "--out",
-            str(out),
-            "--json",
-        ],
-        capsys,
-    )
+    m4 = ["rebalance", str(audit), "--method", "m4", "--eta", "0.8", "--eps-r", "0.02"]
+    m4 += ["--eps-d", "0.05", "--json"]
+    code, stdout, err = run_cli([*m4, "--out", str(out)], capsys)
     assert code == 0, err
     report = json.loads(stdout)
     assert report["status"] == "optimal", report["message"]
@@ -151,12 +142,7 @@ def test_m4_brings_association_bias_under_eps_and_writes_shards(
         capsys,
     )
     assert code == 0, err
-    keys = [
-        s["__key__"]
-        for s in wds.WebDataset(
-            sorted(str(p) for p in (tmp_path / "curated").glob("*.tar")), shardshuffle=False
-        )
-    ]
+    keys = [s["__key__"] for s in _read_shards(tmp_path / "curated")]
     assert len(keys) == report["kept"]
     # Weights → shards through --repeats (stochastic rounding, seeded).
     code, stdout, err = run_cli(
@@ -180,22 +166,7 @@ def test_m4_brings_association_bias_under_eps_and_writes_shards(
 
     # Same inputs and seed: byte-identical outputs.
     again = tmp_path / "m4-again"
-    code, _, err = run_cli(
-        [
-            "rebalance",
-            str(audit),
-            "--eta",
-            "0.8",
-            "--eps-r",
-            "0.02",
-            "--eps-d",
-            "0.05",
-            "--out",
-            str(again),
-            "--json",
-        ],
-        capsys,
-    )
+    code, _, err = run_cli([*m4, "--out", str(again)], capsys)
     assert code == 0, err
     for name in ("subset.npy", "weights.parquet", "decisions.parquet"):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
@@ -316,11 +287,7 @@ def test_swap_augmentation_reaches_the_shards(
         capsys,
     )
     assert code == 0, err
-    samples = list(
-        wds.WebDataset(
-            sorted(str(p) for p in (tmp_path / "curated").glob("*.tar")), shardshuffle=False
-        )
-    )
+    samples = _read_shards(tmp_path / "curated")
     with_cf = [s for s in samples if "rewrites.json" in s]
     assert len(with_cf) == gendered
     payload = json.loads(with_cf[0]["rewrites.json"])

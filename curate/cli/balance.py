@@ -113,15 +113,7 @@ def balance_command(
             rich_help_panel="Cluster",
         ),
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            min=1,
-            help="Processes matching units. Default: CPU count, at most 8.",
-            rich_help_panel="Speed",
-        ),
-    ] = None,
+    workers: opt.MatchWorkersOpt = None,
     no_progress: opt.NoProgressOpt = False,
     as_json: opt.JsonOpt = False,
 ) -> None:
@@ -140,8 +132,7 @@ def balance_command(
 
     spec = BalanceSpec(t=t, tail_share=tail_share, target_size=target_size, seed=seed)
     spec.validate()
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8)
+    workers = opt.match_workers(workers)
     if task_index is None:
         task_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
     if num_tasks > 1 and phase is Phase.all:

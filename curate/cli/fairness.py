@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -214,15 +213,7 @@ def audit_command(
     ] = Path("curate-audit"),
     caption_column: opt.CaptionColumnOpt = None,
     device: opt.DeviceOpt = "auto",
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            min=1,
-            help="Processes matching units. Default: CPU count, at most 8.",
-            rich_help_panel="Speed",
-        ),
-    ] = None,
+    workers: opt.MatchWorkersOpt = None,
     no_progress: opt.NoProgressOpt = False,
     as_json: opt.JsonOpt = False,
 ) -> None:
@@ -255,8 +246,7 @@ def audit_command(
     options.validate()
     attribute_spec = load_spec(spec).select(attribute)
     concept_list = load_metadata(_concepts_path(concepts))
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8)
+    workers = opt.match_workers(workers)
     with progress_bar("auditing", total_shards=None, enabled=not no_progress) as bar:
 
         def advance(samples: int) -> None:

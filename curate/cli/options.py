@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -109,5 +110,21 @@ CaptionColumnOpt = Annotated[
         rich_help_panel="Input",
     ),
 ]
+
+MatchWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=1,
+        help="Processes matching units. Default: CPU count, at most 8.",
+        rich_help_panel="Speed",
+    ),
+]
+
+
+def match_workers(value: int | None) -> int:
+    """--workers of the match phase (balance, audit), defaulted."""
+    return value if value is not None else min(os.cpu_count() or 1, 8)
+
 
 __all__ = ["DEFAULT_MAX_PIXELS"]

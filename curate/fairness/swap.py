@@ -66,6 +66,7 @@ from importlib import resources
 from pathlib import Path
 
 from curate.errors import InputError
+from curate.io.text_files import read_text_file
 
 __all__ = [
     "AMBIGUOUS_PRONOUNS",
@@ -174,16 +175,7 @@ class SwapTable:
 def load_swap_table(path: str | Path) -> SwapTable:
     """Read and validate a swap-table file; errors name the file and line."""
     name = os.fspath(path)
-    file = Path(name).expanduser()
-    if not file.is_file():
-        what = "is a folder, not a file" if file.is_dir() else "does not exist"
-        raise InputError(f"swap table {name} {what}")
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"swap table {name} is not UTF-8 text: {exc.reason}") from exc
-    except OSError as exc:
-        raise InputError(f"cannot read swap table {name}: {exc.strerror or exc}") from exc
+    text = read_text_file(name, "swap table", encoding="utf-8-sig")
     return _parse(text, name, name)
 
 

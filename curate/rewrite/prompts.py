@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.errors import InputError
+from curate.io.text_files import read_text_file
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -89,17 +90,7 @@ def load_prompts(path: Path | str | None = None) -> PromptTemplate:
         resource = resources.files("curate.rewrite").joinpath(_DEFAULT_RESOURCE)
         return _parse(resource.read_text(encoding="utf-8"), DEFAULT_PROMPTS)
     name = os.fspath(path)
-    file = Path(name).expanduser()
-    if not file.is_file():
-        what = "is a folder, not a file" if file.is_dir() else "does not exist"
-        raise InputError(f"prompt file {name} {what}")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"prompt file {name} is not UTF-8 text: {exc.reason}") from exc
-    except OSError as exc:
-        raise InputError(f"cannot read prompt file {name}: {exc.strerror or exc}") from exc
-    return _parse(text, name)
+    return _parse(read_text_file(name, "prompt file"), name)
 
 
 def _parse(text: str, source: str) -> PromptTemplate:
