@@ -34,18 +34,18 @@ underestimate), RSS still held after the build, and matching throughput with tha
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import math
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+
+from peak_memory import peak_rss
 
 from curate.balance.matching import Matcher, pad_text
 
@@ -239,33 +239,13 @@ def comparison(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return None
-
-
 def build_child(args: argparse.Namespace) -> None:
     """In a fresh process: build time, memory and throughput of the `--build-entries` matcher."""
     entries, kinds, captions = make_data(args, args.build_entries)
-    gc.collect()
-    try:  # Linux: restart the high-water mark here, to see the build's own peak
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        hwm_reset = True
-    except OSError:
-        hwm_reset = False
-    base_kb = _status_kb("VmRSS")
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    matcher = Matcher(entries)
-    build_s = time.perf_counter() - t0
-    maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    gc.collect()
-    hwm_kb = _status_kb("VmHWM")
-    after_kb = _status_kb("VmRSS")
+    with peak_rss() as memory:
+        t0 = time.perf_counter()
+        matcher = Matcher(entries)
+        build_s = time.perf_counter() - t0
 
     check = captions[: args.build_check_captions]
     spaced = [f" {entry} " for entry in entries]
@@ -282,7 +262,7 @@ def build_child(args: argparse.Namespace) -> None:
         "entry_kinds": kinds,
         "patterns": matcher.patterns,
         "build_seconds": round(build_s, 3),
-        "ru_maxrss_increase_mb": round((maxrss_after - maxrss_before) / 1024, 1),
+        "ru_maxrss_increase_mb": round(memory.ru_maxrss_increase_mb, 1),
         "captions": len(captions),
         "seconds_per_pass_median": round(median, 4),
         "seconds_per_pass_all": [round(x, 4) for x in times],
@@ -293,13 +273,10 @@ def build_child(args: argparse.Namespace) -> None:
             statistics.mean(map(len, run_all(matcher.match, captions))), 2
         ),
     }
-    if base_kb is not None and after_kb is not None:
-        result["rss_before_build_mb"] = round(base_kb / 1024, 1)
-        result["rss_retained_mb"] = round((after_kb - base_kb) / 1024, 1)
-        if hwm_reset and hwm_kb is not None:
-            result["peak_rss_increase_mb"] = round((hwm_kb - base_kb) / 1024, 1)
-    if "peak_rss_increase_mb" not in result:
-        result["peak_rss_increase_mb"] = result["ru_maxrss_increase_mb"]
+    if memory.base_mb is not None and memory.retained_mb is not None:
+        result["rss_before_build_mb"] = round(memory.base_mb, 1)
+        result["rss_retained_mb"] = round(memory.retained_mb, 1)
+    result["peak_rss_increase_mb"] = round(memory.peak_increase_mb, 1)
     print(json.dumps(result))
 
 

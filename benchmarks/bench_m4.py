@@ -34,17 +34,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import gc
 import json
 import math
 import os
 import re
-import resource
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
+from peak_memory import peak_rss
 from scipy.sparse.linalg import eigsh
 
 from curate.fairness.m4 import AttributeInput, M4Options, M4Result, _Problem, solve_m4
@@ -70,34 +69,13 @@ def make_pool(args: argparse.Namespace, n: int) -> tuple[AttributeInput, np.ndar
     return attr, indptr, indices
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return None
-
-
 def measured(fn: Callable[[], M4Result]) -> tuple[M4Result, float, float]:
     """Result, wall seconds and peak RSS increase (MB) of one call."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        hwm_reset = True
-    except OSError:
-        hwm_reset = False
-    base_kb = _status_kb("VmRSS")
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - t0
-    hwm_kb = _status_kb("VmHWM")
-    if hwm_reset and base_kb is not None and hwm_kb is not None:
-        peak_mb = (hwm_kb - base_kb) / 1024
-    else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before) / 1024
-    return result, seconds, peak_mb
+    with peak_rss() as memory:
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+    return result, seconds, memory.peak_increase_mb
 
 
 def dense_rows(

@@ -177,43 +177,16 @@ def test_infeasible_targets_report_the_closest_achievable(
     audited: tuple[Path, Path, list], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, audit, _ = audited
-    code, stdout, err = run_cli(
-        [
-            "rebalance",
-            str(audit),
-            "--eta",
-            "0.99",
-            "--eps-d",
-            "0.0",
-            "--eps-r",
-            "0.0",
-            "--out",
-            str(tmp_path / "tight"),
-            "--json",
-        ],
-        capsys,
-    )
+    tight = ["rebalance", str(audit), "--eta", "0.99", "--eps-d", "0.0", "--eps-r", "0.0"]
+    tight += ["--out", str(tmp_path / "tight")]
+    code, stdout, err = run_cli([*tight, "--json"], capsys)
     assert code == 0, err
     report = json.loads(stdout)
     assert report["status"] == "infeasible"
     assert report["eps_d"] > 0 and report["message"]
     gender = _gender_change(report)
     assert gender["association_weights"] <= report["eps_d"] + 1e-4
-    code, out, _ = run_cli(
-        [
-            "rebalance",
-            str(audit),
-            "--eta",
-            "0.99",
-            "--eps-d",
-            "0.0",
-            "--eps-r",
-            "0.0",
-            "--out",
-            str(tmp_path / "tight"),
-        ],
-        capsys,
-    )
+    code, out, _ = run_cli(tight, capsys)
     assert code == 0 and "infeasible" in out
 
 

@@ -15,10 +15,13 @@ entries of text i are ``entry_ids[offsets[i]:offsets[i + 1]]``, distinct.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
+
+from curate.io.uid_files import uids_to_pairs
 
 __all__ = [
     "DEFAULT_TAIL_SHARE",
@@ -170,3 +173,10 @@ def uniform_draws(pairs: np.ndarray, seed: int) -> np.ndarray:
     h = _splitmix64(pairs[first].astype(np.uint64) ^ seed_word)
     h = _splitmix64(h ^ pairs[second].astype(np.uint64))
     return (h >> _U64(11)).astype(np.float64) * _MASK_53
+
+
+def draws_for_uids(uids: Sequence[str], ok: np.ndarray, seed: int) -> np.ndarray:
+    """`uniform_draws` for a pool's rows; rows not `ok` (their uid may be malformed) get the
+    draw of the all-zero uid, which no caller uses."""
+    padded = [u if good else "0" * 32 for u, good in zip(uids, ok, strict=True)]
+    return uniform_draws(uids_to_pairs(padded), seed)

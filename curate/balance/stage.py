@@ -41,16 +41,16 @@ from curate.balance.sampling import (
     DEFAULT_TAIL_SHARE,
     ThresholdChoice,
     count_entries,
+    draws_for_uids,
     entry_probabilities,
     keep_probabilities,
     tail_share,
     threshold_for_size,
     threshold_from_tail_share,
-    uniform_draws,
 )
 from curate.errors import InputError, RunFolderError, failure_code
 from curate.io.captions import CaptionUnit, read_unit, resolve_units
-from curate.io.uid_files import uids_to_pairs, write_datacomp_npy
+from curate.io.uid_files import write_datacomp_npy
 from curate.runtime.atomic import write_atomic, write_json_atomic
 
 MATCHES_DIR = "matches"
@@ -346,10 +346,7 @@ def sample_pool(
     choice = _choose_threshold(spec, offsets, entry_ids, counts)
     t = choice.t
     probability = keep_probabilities(offsets, entry_ids, counts, t)
-    pairs = uids_to_pairs(
-        [u if good else "0" * 32 for u, good in zip(uid.to_list(), ok, strict=True)]
-    )
-    draws = uniform_draws(pairs, spec.seed)
+    draws = draws_for_uids(uid.to_list(), ok, spec.seed)
     matched = ok & (lengths > 0)
     kept = matched & (draws < probability)
 

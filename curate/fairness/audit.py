@@ -365,6 +365,7 @@ def audit(
     representation_frames: list[pl.DataFrame] = []
     retrieval_frames: list[pl.DataFrame] = []
     names = concepts.entries
+    concept_prompts: ConceptPrompts | None = None
     for attribute in spec.attributes:
         groups = attribute.group_names
         text_labels = (
@@ -407,7 +408,9 @@ def audit(
         if images is not None and options.retrieval:
             if on_step:
                 on_step(f"retrieval bias ({name})")
-            retrieval = _retrieval(attribute, ids_all, images, indices, names, options)
+            if concept_prompts is None:
+                concept_prompts = _concept_prompts(images, indices, names, options)
+            retrieval = _retrieval(attribute, ids_all, images, concept_prompts, names, options)
             retrieval_frames.append(retrieval)
             _summarize_retrieval(summary, retrieval)
         summaries.append(summary)
@@ -552,23 +555,49 @@ def _summarize_attribute(
     )
 
 
-def _retrieval(
-    attribute: Attribute,
-    ids: np.ndarray,
-    images: RunImages,
-    indices: np.ndarray,
-    concepts: Sequence[str],
-    options: AuditOptions,
-) -> pl.DataFrame:
-    """MaxSkew@k, MinSkew@k and NDKL of one neutral prompt per concept over labelled images."""
-    groups = attribute.group_names
-    candidates = np.flatnonzero((ids >= 0) & images.present)
+@dataclass
+class ConceptPrompts:
+    """The neutral prompts of the most matched concepts, embedded once for every attribute."""
+
+    concept_ids: list[int]
+    prompts: list[str]
+    embeddings: np.ndarray  # (len(prompts), dim) float32
+
+
+def _concept_prompts(
+    images: RunImages, indices: np.ndarray, concepts: Sequence[str], options: AuditOptions
+) -> ConceptPrompts:
     counts = np.bincount(indices, minlength=len(concepts))
     chosen = [
         int(r)
         for r in np.argsort(-counts, kind="stable")[: options.retrieval_max_concepts]
         if counts[r] > 0
     ]
+    prompts = [options.prompt.format(concept=concepts[r]) for r in chosen]
+    embeddings = (
+        images.encode(prompts).astype(np.float32)
+        if prompts
+        else np.zeros((0, images.embeddings.shape[1]), dtype=np.float32)
+    )
+    return ConceptPrompts(chosen, prompts, embeddings)
+
+
+def _retrieval(
+    attribute: Attribute,
+    ids: np.ndarray,
+    images: RunImages,
+    concept_prompts: ConceptPrompts,
+    concepts: Sequence[str],
+    options: AuditOptions,
+) -> pl.DataFrame:
+    """MaxSkew@k, MinSkew@k and NDKL of one neutral prompt per concept over labelled images."""
+    groups = attribute.group_names
+    candidates = np.flatnonzero((ids >= 0) & images.present)
+    chosen, prompts, text = (
+        concept_prompts.concept_ids,
+        concept_prompts.prompts,
+        concept_prompts.embeddings,
+    )
     labels = ids[candidates]
     if options.desired == "uniform":
         desired = np.full(len(groups), 1.0 / len(groups))
@@ -589,8 +618,6 @@ def _retrieval(
         )
     }
     if chosen and len(candidates):
-        prompts = [options.prompt.format(concept=concepts[r]) for r in chosen]
-        text = images.encode(prompts).astype(np.float32)
         emb = images.embeddings[candidates].astype(np.float32)
         for start in range(0, len(chosen), 64):
             sims = emb @ text[start : start + 64].T

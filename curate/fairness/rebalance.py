@@ -27,7 +27,6 @@ metrics and written to ``metrics.parquet``; ``rebalance.json`` holds options and
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,12 +34,12 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from curate.balance.sampling import uniform_draws
+from curate.balance.sampling import draws_for_uids
 from curate.errors import InputError
 from curate.fairness.audit import Pool, _share_frame, read_audit, target_shares
 from curate.fairness.m4 import AttributeInput, M4Options, solve_m4
 from curate.fairness.metrics import ShareTable, association_bias, representation_bias
-from curate.io.uid_files import uids_to_pairs, write_datacomp_npy
+from curate.io.uid_files import write_datacomp_npy
 from curate.runtime.atomic import write_atomic, write_json_atomic
 
 DECISIONS_TABLE = "decisions.parquet"
@@ -243,9 +242,7 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
             else "every concept with labelled samples downsampled to the target"
         )
 
-    uids = pool.frame["uid"].to_list()
-    pairs = uids_to_pairs([u if good else "0" * 32 for u, good in zip(uids, ok, strict=True)])
-    draws = uniform_draws(pairs, options.seed)
+    draws = draws_for_uids(pool.frame["uid"].to_list(), ok, options.seed)
     kept = ok & (draws < weights)
 
     changes = []
@@ -417,8 +414,3 @@ def _counterfactuals(pool: Pool, kept: np.ndarray, table_path: str | None) -> pl
             "prompt_version": pl.String,
         },
     )
-
-
-def counterfactual_counts(frame: pl.DataFrame) -> Counter[str]:
-    """How many counterfactuals each backend produced (for summaries)."""
-    return Counter(frame["backend"].to_list())
