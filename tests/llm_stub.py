@@ -10,11 +10,15 @@ Faults are decided per completion request, in this order:
 1. ``down``: 503 (every path, ``GET /v1/models`` included; no random draw);
 2. ``api_key``: 401 without ``Authorization: Bearer <key>`` (every path; no random draw);
 3. ``fail_first``: the first N completion requests since ``start()``, ``reset_counters()`` or the
-   assignment of a new ``config`` object get 500 (no random draw);
+   assignment of a new ``config`` object get ``fail_first_status`` (500 unless set), with a
+   ``Retry-After: <retry_after>`` header when ``retry_after`` is set (no random draw);
 4. one uniform draw ``u`` from ``random.Random(seed)`` (under a lock, so the sequence of outcomes
    by arrival order is deterministic) against the cumulative rates, in this order: drop, hang,
    error, rate_limit, malformed, refusal, boilerplate, echo, empty; otherwise a good reply.
    Rates should sum to at most 1; each is then the marginal fraction of its outcome.
+
+With ``echo_headers`` every error body (401, 5xx, 429) quotes the request's headers, as some
+servers and proxies do (``Authorization`` included).
 
 A hung request sleeps ``hang_seconds`` and then answers a good reply, unless the client has gone
 (timed out) by then. Sleeps end early when the server stops, so ``stop()`` never waits for them.
@@ -83,7 +87,10 @@ class StubConfig:
     empty_rate: float = 0.0  # fraction answered with ""
     api_key: str | None = None  # when set, requests without "Authorization: Bearer <key>" get 401
     seed: int = 0  # seeds the fault draws
-    fail_first: int = 0  # the first N completion requests get HTTP 500
+    fail_first: int = 0  # the first N completion requests get HTTP `fail_first_status`
+    fail_first_status: int = 500
+    retry_after: str | None = None  # Retry-After header value of the fail_first answers
+    echo_headers: bool = False  # error bodies quote the request headers (Authorization too)
     down: bool = False  # every request gets HTTP 503
     reply: Callable[[str, dict], str] | None = (
         None  # (caption, body) -> good text; overrides default
@@ -194,6 +201,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.flush_headers()
 
     def _error(self, status: int, message: str, kind: str, headers: dict | None = None) -> None:
+        if self.server.stub.config.echo_headers:
+            message += f"; request headers: {dict(self.headers.items())}"
         self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
 
     def _read_body(self) -> bytes:
@@ -359,7 +368,9 @@ class StubServer:
         outcome, number = self._draw(cfg)
         self._count(outcome)
         if outcome == "fail_first":
-            h._error(500, "stub injected failure (fail_first)", "server_error")
+            extra = {"Retry-After": cfg.retry_after} if cfg.retry_after is not None else None
+            status = cfg.fail_first_status
+            h._error(status, "stub injected failure (fail_first)", "server_error", extra)
         elif outcome == "drop":
             h._drop()
         elif outcome == "error":

@@ -131,3 +131,74 @@ def test_bf16_inference_on_cpu_matches_fp32() -> None:
 def test_cuda_picks_half_precision() -> None:
     model = load_model("curate-tiny", None)
     assert model.device.type == "cuda" and model.precision in ("bf16", "fp16")
+
+
+def _config(**changes: dict[str, object]) -> dict[str, object]:
+    config = json.loads(CONFIG.read_text())
+    for tower, values in changes.items():
+        if tower == "top":
+            config.update(values)
+        else:
+            config[tower] = {**config[tower], **values}
+    return config
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        _config(),
+        json.loads((CONFIG.parent / "curate-demo.json").read_text()),
+        _config(top={"embed_dim": 96}, vision_cfg={"mlp_ratio": 2.5, "image_size": [48, 32]}),
+        _config(vision_cfg={"layers": 5, "width": 96, "patch_size": 4, "ls_init_value": 0.1}),
+        _config(text_cfg={"context_length": 77, "vocab_size": 1000, "mlp_ratio": 3.0}),
+        _config(vision_cfg={"layers": [1, 1, 1, 1], "width": 16, "image_size": 64}),
+        _config(vision_cfg={"layers": [2, 1, 2, 1], "width": 32, "image_size": 96}),
+    ],
+    ids=["tiny", "demo", "ratio-and-size", "deeper-vit", "text", "resnet", "resnet-wide"],
+)
+def test_parameter_estimate_matches_built_models(tmp_path: Path, config: dict[str, object]) -> None:
+    from curate.models.size import estimate_parameters
+
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(config))
+    built = sum(p.numel() for p in load_model(str(path), None).model.parameters())
+    estimate = estimate_parameters(config, str(path))
+    assert abs(estimate - built) <= 0.05 * built, (estimate, built)
+
+
+def test_parameter_limit_and_its_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "arch.json"
+    path.write_text(CONFIG.read_text())
+    monkeypatch.setenv("CURATE_MAX_PARAMS", "1e6")  # curate-tiny has about 3.5 million
+    with pytest.raises(ModelLoadError, match="million parameters") as exc:
+        load_model(str(path), None)
+    assert "arch.json" in str(exc.value) and "CURATE_MAX_PARAMS" in str(exc.value)
+    monkeypatch.setenv("CURATE_MAX_PARAMS", "many")
+    with pytest.raises(ModelLoadError, match="CURATE_MAX_PARAMS"):
+        load_model(str(path), None)
+    monkeypatch.setenv("CURATE_MAX_PARAMS", "5000000")
+    assert load_model(str(path), None).embed_dim == 64
+
+
+@pytest.mark.parametrize(
+    ("tower", "key", "value"),
+    [
+        ("vision_cfg", "width", "wide"),
+        ("vision_cfg", "layers", [1, 2]),
+        ("vision_cfg", "patch_size", 0),
+        ("text_cfg", "layers", True),
+        ("text_cfg", "vocab_size", -3),
+        ("vision_cfg", "mlp_ratio", "x" * 10_000),
+    ],
+)
+def test_bad_config_values_are_one_line(
+    tmp_path: Path, tower: str, key: str, value: object
+) -> None:
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(_config(**{tower: {key: value}})))
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(str(path), None)
+    message = str(exc.value)
+    assert f"{tower}.{key}" in message and "\n" not in message and len(message) < 300

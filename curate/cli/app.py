@@ -12,7 +12,7 @@ import click
 import typer
 
 from curate import __version__
-from curate.errors import CurateError
+from curate.errors import CurateError, describe_os_error
 from curate.runtime.progress import stderr_console
 
 app = typer.Typer(
@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             traceback.print_exc()
         _fail(" ".join(str(exc).split()), 2)
+    except OSError as exc:  # disk full, a file where a folder goes, permission denied, ...
+        if _state["debug"]:
+            traceback.print_exc()
+        _fail(" ".join(describe_os_error(exc).split()), 2)
     except Exception as exc:
         if _state["debug"]:
             raise

@@ -90,11 +90,11 @@ def rewrite_command(
         ),
     ] = None,
     temperature: Annotated[
-        float, typer.Option(help="Sampling temperature.", rich_help_panel="Rewrites")
+        float, typer.Option(help="Sampling temperature (>= 0).", rich_help_panel="Rewrites")
     ] = 0.9,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling.", rich_help_panel="Rewrites")] = (
-        0.95
-    ),
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling, in (0, 1].", rich_help_panel="Rewrites")
+    ] = 0.95,
     max_tokens: Annotated[
         int,
         typer.Option(
@@ -117,7 +117,7 @@ def rewrite_command(
         typer.Option(min=1, help="Requests in flight at once.", rich_help_panel="Robustness"),
     ] = 64,
     timeout: Annotated[
-        float, typer.Option(help="Seconds per request.", rich_help_panel="Robustness")
+        float, typer.Option(help="Seconds per request (> 0).", rich_help_panel="Robustness")
     ] = 60.0,
     max_retries: Annotated[
         int,
@@ -125,7 +125,8 @@ def rewrite_command(
             "--max-retries",
             min=0,
             help="Retries of a request on 429, 5xx, timeouts and connection errors "
-            "(exponential backoff with jitter).",
+            "(exponential backoff with jitter; at least the server's Retry-After, at most "
+            "60 s).",
             rich_help_panel="Robustness",
         ),
     ] = 6,
@@ -143,7 +144,7 @@ def rewrite_command(
         float,
         typer.Option(
             "--max-error-rate",
-            help="Stop when more than this share of the last 200 requests failed.",
+            help="Stop when more than this share (0 to 1) of the last 200 requests failed.",
             rich_help_panel="Robustness",
         ),
     ] = 0.5,
@@ -161,13 +162,28 @@ def rewrite_command(
         SamplingParams,
         VLLMBackend,
     )
+    from curate.rewrite.checks import require_range
     from curate.rewrite.engine import EngineOptions
     from curate.rewrite.prompts import load_prompts
     from curate.rewrite.stage import RewriteOptions, rewrite_source
     from curate.runtime.progress import progress_bar
 
-    template = load_prompts(prompts)
+    # Every setting is checked (by the library) before prompts are read or a model loads.
+    require_range("--timeout", timeout, low=0, low_open=True)  # also with backends not using it
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    options = RewriteOptions(
+        num_rewrites=num_rewrites,
+        params=params,
+        engine=EngineOptions(
+            concurrency=concurrency,
+            max_retries=max_retries,
+            max_invalid=max_invalid,
+            max_error_rate=max_error_rate,
+            seed=seed,
+        ),
+        seed=seed,
+    )
+    template = load_prompts(prompts)
     if backend is BackendChoice.vllm:
         if not model:
             raise InputError("--backend vllm needs --model (a Hugging Face name or local path)")
@@ -193,18 +209,6 @@ def rewrite_command(
     else:
         chosen = RulesBackend(seed=seed)
         where = "the rules backend"
-    options = RewriteOptions(
-        num_rewrites=num_rewrites,
-        params=params,
-        engine=EngineOptions(
-            concurrency=concurrency,
-            max_retries=max_retries,
-            max_invalid=max_invalid,
-            max_error_rate=max_error_rate,
-            seed=seed,
-        ),
-        seed=seed,
-    )
     with progress_bar("rewriting", total_shards=0, enabled=not no_progress) as bar:
         state = {"units": 0, "done": 0, "samples": 0}
 

@@ -14,6 +14,8 @@ age group)::
         swap: gender_swap.txt                # optional; for `curate rebalance --augment swap`
 
 Loading is strict: every problem is one `InputError` line that names the file and the key.
+YAML anchors and aliases (``&name``, ``*name``) are refused, so a small file cannot stand for a
+huge one, and the file may be at most ``MAX_BYTES["attribute spec"]`` (4 MiB).
 Attribute names become column names, so they are lower-case identifiers; ``mixed`` and
 ``unknown`` are reserved (a caption naming several groups is ``mixed``). A term may belong to one
 group per attribute only (terms are compared case-insensitively, whitespace collapsed).
@@ -30,7 +32,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from curate.errors import InputError
+from curate.errors import InputError, brief
+from curate.io.text_files import read_file_bytes
 
 __all__ = ["Attribute", "AttributeSpec", "Group", "load_spec", "normalize_term"]
 
@@ -140,10 +143,7 @@ def load_spec(path: str | Path | None = None) -> AttributeSpec:
     """Read and validate a spec; None reads the default (perceived gender and age group)."""
     file = default_spec_path() if path is None else Path(path).expanduser()
     label = "default" if path is None else str(file)
-    try:
-        raw_bytes = file.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read attribute spec {file}: {exc.strerror or exc}") from exc
+    raw_bytes = read_file_bytes(file, "attribute spec")
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -153,24 +153,50 @@ def load_spec(path: str | Path | None = None) -> AttributeSpec:
 
 
 def _parse(text: str, file: Path, label: str) -> Any:
-    if file.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{label}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    try:
+        if file.suffix.lower() == ".json":
+            return _parse_json(text, label)
+        return _parse_yaml(text, label)
+    except RecursionError:
+        raise InputError(f"{label}: nested too deeply") from None
+
+
+def _parse_json(text: str, label: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{label}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    except ValueError as exc:  # a number past Python's digit limit
+        raise InputError(f"{label}: invalid JSON: {brief(str(exc), 120)}") from exc
+
+
+def _parse_yaml(text: str, label: str) -> Any:
     import yaml
 
+    class NoAliasLoader(yaml.SafeLoader):
+        """SafeLoader that refuses anchors and aliases instead of sharing (expanding) nodes."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                problem = "anchors and aliases (&name, *name) are not allowed"
+                raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
+            return super().compose_node(parent, index)
+
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=NoAliasLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise InputError(f"{label}: invalid YAML{where}: {problem}") from exc
+        raise InputError(f"{label}: invalid YAML{where}: {problem[:200]}") from exc
+    except ValueError as exc:  # a number past Python's digit limit
+        raise InputError(f"{label}: invalid YAML: {brief(str(exc), 120)}") from exc
 
 
 def _fail(label: str, key: str, message: str) -> InputError:
-    return InputError(f"{label}: {key}: {message}")
+    shown = key if len(key) <= 120 else key[:117] + "..."  # keys hold the file's own names
+    return InputError(f"{label}: {shown}: {message}")
 
 
 def _strings(value: Any, label: str, key: str, *, allow_empty: bool = True) -> tuple[str, ...]:
@@ -181,7 +207,7 @@ def _strings(value: Any, label: str, key: str, *, allow_empty: bool = True) -> t
     out: list[str] = []
     for i, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
-            raise _fail(label, f"{key}[{i}]", f"must be a non-empty string, got {item!r}")
+            raise _fail(label, f"{key}[{i}]", f"must be a non-empty string, got {brief(item)}")
         if "\n" in item or "\r" in item:
             raise _fail(label, f"{key}[{i}]", "must be one line")
         out.append(item.strip())
@@ -201,16 +227,17 @@ def _build(data: Any, file: Path, label: str, sha256: str) -> AttributeSpec:
         raise InputError(f"{label}: a spec is a mapping with 'attributes' (and 'person')")
     unknown = set(data) - {"version", "person", "attributes"}
     if unknown:
-        raise _fail(label, sorted(unknown)[0], "unknown key (expected version, person, attributes)")
+        first = sorted(map(str, unknown))[0]
+        raise _fail(label, first, "unknown key (expected version, person, attributes)")
     version = data.get("version", SPEC_VERSION)
     if version != SPEC_VERSION:
-        raise _fail(label, "version", f"must be {SPEC_VERSION}, got {version!r}")
+        raise _fail(label, "version", f"must be {SPEC_VERSION}, got {brief(version)}")
     person = data.get("person") or {}
     if not isinstance(person, dict):
         raise _fail(label, "person", "must be a mapping")
     extra = set(person) - {"terms", "prompts", "other_prompts"}
     if extra:
-        raise _fail(label, f"person.{sorted(extra)[0]}", "unknown key")
+        raise _fail(label, f"person.{sorted(map(str, extra))[0]}", "unknown key")
     person_prompts = _strings(person.get("prompts"), label, "person.prompts")
     other_prompts = _strings(person.get("other_prompts"), label, "person.other_prompts")
     if bool(person_prompts) != bool(other_prompts):
@@ -234,12 +261,12 @@ def _attribute(name: Any, value: Any, file: Path, label: str) -> Attribute:
     if not isinstance(name, str) or not _ATTRIBUTE_NAME.match(name):
         raise _fail(label, key, "attribute names are lower-case identifiers (a-z, 0-9, _)")
     if name in RESERVED_COLUMNS or name.endswith(ATTRIBUTE_SUFFIXES):
-        raise _fail(label, key, f"{name!r} would clash with a column of labels.parquet")
+        raise _fail(label, key, f"{brief(name)} would clash with a column of labels.parquet")
     if not isinstance(value, dict):
         raise _fail(label, key, "must be a mapping with 'groups'")
     extra = set(value) - {"description", "groups", "target", "swap"}
     if extra:
-        raise _fail(label, f"{key}.{sorted(extra)[0]}", "unknown key")
+        raise _fail(label, f"{key}.{sorted(map(str, extra))[0]}", "unknown key")
     groups_raw = _mapping(value.get("groups"), label, f"{key}.groups")
     if len(groups_raw) < 2:
         raise _fail(label, f"{key}.groups", "an attribute needs at least two groups")
@@ -250,12 +277,12 @@ def _attribute(name: Any, value: Any, file: Path, label: str) -> Attribute:
         if not isinstance(group_name, str) or not _GROUP_NAME.match(group_name):
             raise _fail(label, gkey, "group names are letters, digits and _ . + -")
         if group_name in RESERVED_GROUPS:
-            raise _fail(label, gkey, f"{group_name!r} is reserved")
+            raise _fail(label, gkey, f"{brief(group_name)} is reserved")
         if not isinstance(group_value, dict):
             raise _fail(label, gkey, "must be a mapping with terms and/or prompts")
         extra = set(group_value) - {"terms", "prompts"}
         if extra:
-            raise _fail(label, f"{gkey}.{sorted(extra)[0]}", "unknown key")
+            raise _fail(label, f"{gkey}.{sorted(map(str, extra))[0]}", "unknown key")
         terms = _strings(group_value.get("terms"), label, f"{gkey}.terms")
         prompts = _strings(group_value.get("prompts"), label, f"{gkey}.prompts")
         if not terms and not prompts:
@@ -265,12 +292,12 @@ def _attribute(name: Any, value: Any, file: Path, label: str) -> Attribute:
                 raise _fail(
                     label,
                     f"{gkey}.terms[{i}]",
-                    f"{term!r} must start and end with a letter or digit",
+                    f"{brief(term)} must start and end with a letter or digit",
                 )
             norm = normalize_term(term)
             if norm in owner:
                 where = "twice" if owner[norm] == group_name else f"also in {owner[norm]}"
-                raise _fail(label, f"{gkey}.terms[{i}]", f"{term!r} is listed {where}")
+                raise _fail(label, f"{gkey}.terms[{i}]", f"{brief(term)} is listed {where}")
             owner[norm] = group_name
         groups.append(Group(group_name, terms, prompts))
     names = [g.name for g in groups]
@@ -278,11 +305,11 @@ def _attribute(name: Any, value: Any, file: Path, label: str) -> Attribute:
     swap = value.get("swap")
     swap_path: Path | None = None
     if swap is not None:
-        if not isinstance(swap, str) or not swap.strip():
+        if not isinstance(swap, str) or not swap.strip() or "\0" in swap:
             raise _fail(label, f"{key}.swap", "must be a file name")
         swap_path = (file.parent / swap).resolve()
         if not swap_path.is_file():
-            raise _fail(label, f"{key}.swap", f"{swap_path} does not exist")
+            raise _fail(label, f"{key}.swap", f"{brief(str(swap_path), 300)} does not exist")
     description = value.get("description") or name
     if not isinstance(description, str):
         raise _fail(label, f"{key}.description", "must be a string")
@@ -298,7 +325,7 @@ def _target(value: Any, names: list[str], label: str, key: str) -> tuple[float, 
     for name in names:
         share = value[name]
         if isinstance(share, bool) or not isinstance(share, int | float) or not share > 0:
-            raise _fail(label, f"{key}.{name}", f"must be a positive number, got {share!r}")
+            raise _fail(label, f"{key}.{name}", f"must be a positive number, got {brief(share)}")
         shares.append(float(share))
     if not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
         raise _fail(label, key, f"shares sum to {sum(shares):g}, not 1")

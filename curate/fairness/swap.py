@@ -65,7 +65,7 @@ from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
-from curate.errors import InputError
+from curate.errors import InputError, brief
 from curate.io.text_files import read_text_file
 
 __all__ = [
@@ -256,7 +256,7 @@ def _validate(pairs: Sequence[tuple[str, str]], where: Sequence[str], source: st
             _check_term(term, here)
         a, b = pair
         if a == b:
-            raise InputError(f"{here}: {a!r} is paired with itself")
+            raise InputError(f"{here}: {brief(a)} is paired with itself")
         key = frozenset(pair)
         if key in seen_pairs:
             raise InputError(f"{here}: pair '{a} {b}' repeats {_place(where[seen_pairs[key]])}")
@@ -271,7 +271,7 @@ def _validate(pairs: Sequence[tuple[str, str]], where: Sequence[str], source: st
             if term in seen and term not in AMBIGUOUS_PRONOUNS:
                 first = pairs[seen[term]]
                 raise InputError(
-                    f"{here}: {term!r} is already in '{first[0]} {first[1]}' on "
+                    f"{here}: {brief(term)} is already in '{first[0]} {first[1]}' on "
                     f"{_place(where[seen[term]])}; a term may be in one pair only"
                 )
             seen.setdefault(term, i)
@@ -281,11 +281,13 @@ def _validate(pairs: Sequence[tuple[str, str]], where: Sequence[str], source: st
 def _check_term(term: str, here: str) -> None:
     """A term is one lower-case word of letters that survives upper- and title-casing."""
     if not _TERM_RE.fullmatch(term):
-        raise InputError(f"{here}: {term!r} is not a single word of letters")
+        raise InputError(f"{here}: {brief(term)} is not a single word of letters")
     if term != term.lower() or term != unicodedata.normalize("NFC", term):
-        raise InputError(f"{here}: {term!r} must be lower case (NFC)")
+        raise InputError(f"{here}: {brief(term)} must be lower case (NFC)")
     if term.upper().lower() != term or term.title().lower() != term:
-        raise InputError(f"{here}: {term!r} changes spelling when upper-cased ({term.upper()!r})")
+        raise InputError(
+            f"{here}: {brief(term)} changes spelling when upper-cased ({brief(term.upper())})"
+        )
 
 
 def _place(where: str) -> str:

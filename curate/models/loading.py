@@ -1,7 +1,8 @@
 """Load open_clip models by name + pretrained tag, `hf-hub:` name, local checkpoint or JSON config.
 
 Weights from a local file are read without executing pickled code: `.safetensors` through
-safetensors, anything else through `torch.load(weights_only=True)`.
+safetensors, anything else through `torch.load(weights_only=True)`. A model's size is estimated
+from its config before it is built and refused above a limit (`curate.models.size`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from curate.errors import ModelLoadError
+from curate.io.text_files import read_file_bytes
+from curate.models.size import check_model_size
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -40,8 +43,10 @@ def _register_config(open_clip: Any, path: Path) -> str:
     path = path.resolve()
     if path not in _registered_configs:
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            config = json.loads(read_file_bytes(path, "model config"))
+        except RecursionError:
+            raise ModelLoadError(f"model config {path} is nested too deeply") from None
+        except ValueError as exc:
             raise ModelLoadError(f"model config {path} is not readable JSON: {exc}") from exc
         if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(
             config
@@ -160,7 +165,7 @@ def _model_name(open_clip: Any, model: str) -> str:
     """Turn a `--model` value into an open_clip model name (registering JSON configs)."""
     if model.endswith(".json"):
         path = Path(model).expanduser()
-        if not path.is_file():
+        if not path.exists():  # a folder or FIFO is refused when the config is read
             raise ModelLoadError(f"model config {model} not found")
         return _register_config(open_clip, path)
     if model.startswith("hf-hub:") or model in open_clip.list_models():
@@ -171,6 +176,16 @@ def _model_name(open_clip: Any, model: str) -> str:
         f"unknown model {model!r}{hint}; pass an open_clip name (see `curate models`), "
         "an hf-hub: name or a JSON config file"
     )
+
+
+def _check_size(open_clip: Any, name: str, model: str) -> None:
+    """Refuse, before building, a model whose config asks for too many parameters."""
+    try:
+        config = open_clip.get_model_config(name)  # None for hf-hub: models
+        if config is not None:
+            check_model_size(config, model)
+    except RecursionError:
+        raise ModelLoadError(f"model config {model} is nested too deeply") from None
 
 
 def _is_local_checkpoint(pretrained: str | None) -> bool:
@@ -220,6 +235,7 @@ def load_model(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     name = _model_name(open_clip, model)
+    _check_size(open_clip, name, model)
     tag = None if pretrained in (None, "", "none") else pretrained
     local = _is_local_checkpoint(tag)
     try:

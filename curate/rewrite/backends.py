@@ -3,7 +3,12 @@
 A backend turns (caption, uid, rewrite index, attempt) into one raw output string. Failures
 are `BackendError`s that say whether a retry can help (429, 5xx, timeouts, dropped or refused
 connections, malformed bodies) or not (401, 404, other 4xx). Validation of the text is the
-engine's job, not the backend's.
+engine's job, not the backend's. A 429 or 5xx answer's ``Retry-After`` (seconds or an HTTP
+date) travels with its error for the engine to honour.
+
+The API key is sent as a Bearer token and never shown: every error detail taken from a server
+(bodies, connection errors) has the key and any ``Authorization`` value or Bearer token in it
+replaced by ``<redacted>`` before it is shortened, so no message, cached reason or log holds it.
 
 In-process vLLM (`--backend vllm`, extra `curate[vllm]`) runs the model inside this process on
 a GPU node: requests are gathered into batches for `vllm.LLM.chat` / `generate`. vLLM is
@@ -16,12 +21,17 @@ import asyncio
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
 
 from curate.errors import InputError
+from curate.rewrite.checks import require_range
 from curate.rewrite.prompts import PromptTemplate, build_chat_messages, build_completion_prompt
 from curate.rewrite.rules import RULES_VERSION, rules_rewrite
 
@@ -32,7 +42,12 @@ __all__ = [
     "RulesBackend",
     "SamplingParams",
     "VLLMBackend",
+    "error_detail",
+    "parse_retry_after",
+    "redact_secrets",
 ]
+
+REDACTED = "<redacted>"  # not [redacted]: the CLI prints messages as rich markup
 
 
 @dataclass(frozen=True)
@@ -43,18 +58,69 @@ class SamplingParams:
     top_p: float = 0.95
     max_tokens: int = 77  # LLM tokens; the CLIP token limit is enforced by validation
 
+    def __post_init__(self) -> None:
+        require_range("--temperature", self.temperature, low=0)
+        require_range("--top-p", self.top_p, low=0, high=1, low_open=True)
+        require_range("--max-tokens", self.max_tokens, low=1, integer=True)
+
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
 
 class BackendError(Exception):
-    """A request failed; `retryable` says whether trying again can help."""
+    """A request failed; `retryable` says whether trying again can help, `retry_after` how many
+    seconds the server asked to wait first (None when it did not say)."""
 
-    def __init__(self, code: str, detail: str, *, retryable: bool) -> None:
+    def __init__(
+        self, code: str, detail: str, *, retryable: bool, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
         self.retryable = retryable
+        self.retry_after = retry_after
+
+
+_DELTA_SECONDS = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
+
+
+def parse_retry_after(value: str, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delta-seconds (``"3"``; a decimal is taken
+    too) or an HTTP date (a date in the past gives 0). None when it is neither."""
+    match = _DELTA_SECONDS.fullmatch(value)
+    if match:
+        return float(match.group(1))
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # RFC 850 / asctime forms carry no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=timezone.utc)
+    now = now or datetime.now(timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+# An Authorization value as servers echo it (`Authorization: Bearer x`, `'authorization': 'x'`,
+# `authorization=x`) up to a quote or separator, and any `Bearer <token>`.
+_AUTHORIZATION = re.compile(r"(authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\r\n,;}]*", re.IGNORECASE)
+_BEARER = re.compile(r"(bearer\s+)[^\s\"',;}]+", re.IGNORECASE)
+
+
+def redact_secrets(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret, Authorization value and Bearer token replaced by <redacted>."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    text = _AUTHORIZATION.sub(lambda m: m.group(1) + REDACTED, text)
+    return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def error_detail(text: str, secrets: Iterable[str], limit: int = 200) -> str:
+    """A server's error text for a one-line message: redacted first, then shortened (so a key
+    cut by the limit cannot leave a prefix behind)."""
+    return " ".join(redact_secrets(text, secrets).split())[:limit]
 
 
 class Backend(Protocol):
@@ -96,6 +162,8 @@ class OpenAIBackend:
         concurrency: int = 64,
         seed: int = 0,
     ) -> None:
+        require_range("--timeout", timeout, low=0, low_open=True)
+        require_range("--concurrency", concurrency, low=1, integer=True)
         if api not in ("chat", "completions"):
             raise InputError(f"--api must be chat or completions, got {api!r}")
         if not base_url.startswith(("http://", "https://")):
@@ -108,6 +176,7 @@ class OpenAIBackend:
         self.seed = seed
         self._headers = {"Content-Type": "application/json"}
         key = os.environ.get(api_key_env) if api_key_env else None
+        self._secrets = (key,) if key else ()  # redacted from every error detail
         if key:
             self._headers["Authorization"] = f"Bearer {key}"  # never logged or written anywhere
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -152,22 +221,30 @@ class OpenAIBackend:
         try:
             async with self._client().post(url, json=body) as response:
                 status = response.status
+                retry_after = response.headers.get("Retry-After")
                 raw = await response.read()
         except asyncio.TimeoutError as exc:
             raise BackendError("timeout", "no answer in time", retryable=True) from exc
         except aiohttp.ClientError as exc:  # refused, reset, dropped mid-response
-            detail = str(exc) or type(exc).__name__
-            raise BackendError("connection", detail, retryable=True) from exc
+            detail = error_detail(str(exc) or type(exc).__name__, self._secrets)
+            raise BackendError("connection", detail, retryable=True) from None
         text_body = raw.decode("utf-8", errors="replace")
         if status == 429 or status >= 500:
-            raise BackendError(f"http_{status}", _short(text_body), retryable=True)
+            raise BackendError(
+                f"http_{status}",
+                error_detail(text_body, self._secrets),
+                retryable=True,
+                retry_after=parse_retry_after(retry_after) if retry_after is not None else None,
+            )
         if status >= 400:
-            raise BackendError(f"http_{status}", _short(text_body), retryable=False)
+            detail = error_detail(text_body, self._secrets)
+            raise BackendError(f"http_{status}", detail, retryable=False)
         try:
             choice = json.loads(text_body)["choices"][0]
             text = choice["message"]["content"] if self.api == "chat" else choice["text"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise BackendError("malformed", _short(text_body), retryable=True) from exc
+            detail = error_detail(text_body, self._secrets)
+            raise BackendError("malformed", detail, retryable=True) from exc
         if not isinstance(text, str):
             raise BackendError("malformed", "completion text is not a string", retryable=True)
         return text
@@ -282,7 +359,3 @@ class VLLMBackend:
     async def aclose(self) -> None:
         if self._flush is not None:
             await asyncio.gather(self._flush, return_exceptions=True)
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return " ".join(text.split())[:limit]

@@ -1,13 +1,21 @@
 """The request cache: one row per finished request, so a rerun sends only what is missing.
 
-A result is keyed by (uid, rewrite index, prompt version, backend identity, sampling
-parameters); changing any of them makes new keys. Rows are committed as they finish (SQLite,
-WAL journal), so a killed run loses at most the requests that were in flight.
+A result is keyed by (uid, caption text, rewrite index, prompt version, backend identity,
+sampling parameters, seed); changing any of them makes new keys, so a caption that changed
+under the same uid is asked again, never given the old caption's rewrite. Rows are committed as
+they finish (SQLite, WAL journal), so a killed run loses at most the requests that were in
+flight.
+
+Keys made before the caption was part of them (uid, index and setting only) are never looked
+up again: a rerun over such a cache sends those requests anew (their rows stay in the file,
+unused; delete cache.sqlite to reclaim the space), because nothing recorded says which caption
+an old row was made for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +23,14 @@ from pathlib import Path
 __all__ = ["CachedResult", "RequestCache", "request_key"]
 
 
-def request_key(uid: str, index: int, setting: str) -> str:
-    """`setting` is the prompt version, backend identity and sampling key joined."""
-    return hashlib.blake2b(f"{setting}\x00{uid}\x00{index}".encode(), digest_size=16).hexdigest()
+KEY_FORMAT = 2  # 1: setting, uid and index only (no caption)
+
+
+def request_key(uid: str, caption: str, index: int, setting: str) -> str:
+    """`setting` is the prompt version, backend identity, sampling key and seed joined."""
+    caption_hash = hashlib.blake2b(caption.encode("utf-8"), digest_size=16).hexdigest()
+    material = json.dumps([KEY_FORMAT, setting, uid, index, caption_hash])
+    return hashlib.blake2b(material.encode("utf-8"), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from curate.errors import InputError
+from curate.errors import InputError, brief
 from curate.io.text_files import read_text_file
 
 __all__ = [
@@ -99,25 +99,28 @@ def _parse(text: str, source: str) -> PromptTemplate:
 
     try:
         data: Any = json.loads(text)
+    except RecursionError:
+        raise fail("nested too deeply") from None
     except ValueError as exc:
         raise fail(f"not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise fail(f"must hold a JSON object, not {_json_type(data)}")
     unknown = sorted(set(data) - {*_KEYS, "format"})
     if unknown:
-        raise fail(f"unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(_KEYS)}")
+        shown = ", ".join(brief(key, 60) for key in unknown[:5])
+        raise fail(f"unknown key(s) {shown}; expected {', '.join(_KEYS)}")
     missing = [key for key in _KEYS if key not in data]
     if missing:
         raise fail(f"missing key(s) {', '.join(missing)}")
     if "format" in data and data["format"] != PROMPT_FORMAT:
-        raise fail(f"format {data['format']!r} is not supported (this version reads format 1)")
+        raise fail(f"format {brief(data['format'])} is not supported (this version reads format 1)")
 
     instruction = data["instruction"]
     if not isinstance(instruction, str) or not instruction.strip():
         raise fail("instruction must be a non-empty string")
     k = data["k"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise fail(f"k must be an integer >= 0, not {k!r}")
+        raise fail(f"k must be an integer >= 0, not {brief(k)}")
 
     raw_banks = data["banks"]
     if not isinstance(raw_banks, dict) or not raw_banks:
@@ -125,12 +128,12 @@ def _parse(text: str, source: str) -> PromptTemplate:
     banks: dict[str, tuple[tuple[str, str], ...]] = {}
     for style, raw_pairs in raw_banks.items():
         if not style.strip() or _has_break(style):
-            raise fail(f"style name {style!r} must be non-empty and on one line")
+            raise fail(f"style name {brief(style)} must be non-empty and on one line")
         if not isinstance(raw_pairs, list) or not raw_pairs:
-            raise fail(f"bank {style!r} must be a non-empty list of [source, target] pairs")
+            raise fail(f"bank {brief(style)} must be a non-empty list of [source, target] pairs")
         pairs = []
         for number, pair in enumerate(raw_pairs, 1):
-            where = f"bank {style!r} pair {number}"
+            where = f"bank {brief(style)} pair {number}"
             if (
                 not isinstance(pair, list)
                 or len(pair) != 2
@@ -148,7 +151,7 @@ def _parse(text: str, source: str) -> PromptTemplate:
         banks[style] = tuple(pairs)
     smallest = min(banks, key=lambda name: (len(banks[name]), name))
     if k > len(banks[smallest]):
-        raise fail(f"k={k} but bank {smallest!r} has only {len(banks[smallest])} pair(s)")
+        raise fail(f"k={k} but bank {brief(smallest)} has only {len(banks[smallest])} pair(s)")
     return PromptTemplate(instruction.strip(), k, banks, source)
 
 

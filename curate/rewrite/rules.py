@@ -591,7 +591,7 @@ def _one(
     plan: _Plan, text: str, key: str, seen: set[str], limit: int | None, frames_ok: bool
 ) -> str:
     def fits(candidate: str) -> bool:
-        return limit is None or clip_token_count(candidate) <= limit
+        return limit is None or clip_token_count(candidate, at_most=limit) <= limit
 
     for attempt in range(_ATTEMPTS):
         digest = hashlib.blake2b(f"{key}:{attempt}".encode(), digest_size=8).digest()
@@ -627,7 +627,7 @@ def rules_rewrite(caption: str, *, uid: str, index: int, seed: int) -> str:
     if not text:
         return ""
     plan = _plan(text)
-    tokens = clip_token_count(text)
+    tokens = clip_token_count(text, at_most=MAX_CLIP_TOKENS)
     limit = MAX_CLIP_TOKENS if tokens <= MAX_CLIP_TOKENS else None
     # Over the limit: substitutions only, unless there is nothing to substitute.
     frames_ok = not plan.lead_frame and (limit is not None or not plan.slots)

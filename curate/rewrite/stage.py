@@ -1,12 +1,16 @@
 """The rewrite stage: captions in (shards, run folder, tables), per-unit rewrite tables out.
 
 For each unit (shard or table), every usable caption gets `num_rewrites` jobs; jobs already in
-the cache (same uid, index, prompt version, backend identity, sampling parameters and seed) are
-not sent again. The unit's table ``OUT/rewrites/<unit>.parquet`` is rebuilt from the cache and
-joined by uid, never by position: uid, shard, key, caption, rewrites (valid ones, in index
-order), reasons (one per index: null when valid), status (ok / partial / failed), error,
-backend, model, prompt_version. Samples the reader could not use are there as failed with
+the cache (same uid, caption text, index, prompt version, backend identity, sampling parameters
+and seed) are not sent again. The unit's table ``OUT/rewrites/<unit>.parquet`` is rebuilt from
+the cache and joined by uid, never by position: uid, shard, key, caption, rewrites (valid ones,
+in index order), reasons (one per index: null when valid), status (ok / partial / failed),
+error, backend, model, prompt_version. Samples the reader could not use are there as failed with
 their error, so every input row is accounted for.
+
+A uid seen before in the pool (units in order, rows in order; compared lowercased, as balance
+does) fails as ``duplicate_uid`` and is not sent: the first occurrence wins, even when it
+failed itself, so `curate write --rewrites` can never attach one caption's rewrites to another.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import polars as pl
 from curate.io.captions import CaptionUnit, read_unit, resolve_units
 from curate.rewrite.backends import Backend, SamplingParams
 from curate.rewrite.cache import CachedResult, RequestCache, request_key
+from curate.rewrite.checks import require_range
 from curate.rewrite.engine import EngineOptions, Job, run_jobs_async
 from curate.rewrite.prompts import PromptTemplate
 from curate.runtime.atomic import write_atomic, write_json_atomic
@@ -31,6 +36,7 @@ from curate.runtime.atomic import write_atomic, write_json_atomic
 REWRITES_DIR = "rewrites"
 CACHE_FILE = "cache.sqlite"
 REPORT_JSON = "rewrite.json"
+DUPLICATE_UID = "duplicate_uid: the uid appeared earlier in the pool"
 
 
 @dataclass
@@ -41,6 +47,9 @@ class RewriteOptions:
     params: SamplingParams = field(default_factory=SamplingParams)
     engine: EngineOptions = field(default_factory=EngineOptions)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_range("--num-rewrites", self.num_rewrites, low=1, integer=True)
 
 
 @dataclass
@@ -115,6 +124,20 @@ def _unit_table(
     )
 
 
+def _mark_duplicates(frame: pl.DataFrame, seen: set[str]) -> pl.DataFrame:
+    """`frame` with rows whose uid is in `seen` (or earlier in `frame`) failed as
+    ``duplicate_uid`` (rows with an error keep theirs); adds the frame's uids to `seen`."""
+    errors: list[str | None] = []
+    for uid, error in zip(frame["uid"], frame["error"], strict=True):
+        if uid is not None:
+            lowered = uid.lower()
+            if lowered in seen and error is None:
+                error = DUPLICATE_UID
+            seen.add(lowered)
+        errors.append(error)
+    return frame.with_columns(pl.Series("error", errors, dtype=pl.String))
+
+
 def _reason(result: CachedResult | None) -> str:
     if result is None:
         return "failed: not run"
@@ -134,16 +157,17 @@ async def _rewrite_units(
 ) -> None:
     setting = _setting(backend, template, options)
     cache = RequestCache(out / CACHE_FILE)
+    seen: set[str] = set()  # lowercased uids of the units so far, for duplicate_uid
     try:
         for unit in units:
-            frame = read_unit(unit)
+            frame = _mark_duplicates(read_unit(unit), seen)
             keys: list[list[str]] = []
             jobs: list[Job] = []
             for uid, caption, error in frame.select("uid", "caption", "error").iter_rows():
                 if error is not None:
                     keys.append([])
                     continue
-                row = [request_key(uid, i, setting) for i in range(options.num_rewrites)]
+                row = [request_key(uid, caption, i, setting) for i in range(options.num_rewrites)]
                 keys.append(row)
                 jobs.extend(Job(k, uid, i, caption) for i, k in enumerate(row))
             results = cache.get_many([j.key for j in jobs])

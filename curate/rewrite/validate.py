@@ -7,6 +7,9 @@
 - ``identical``: the original again (ignoring case, spacing and final punctuation);
 - ``multi_line``: more than one line (the model went on with another example, or explained);
 - ``too_long``: more than `max_tokens` CLIP tokens (75 fit in CLIP's 77 with start and end);
+  counting stops once past the limit and never runs BPE on a word too long to fit, so any
+  text, however long, is judged in time linear in its length (the verdict is the full
+  tokenizer's);
 - ``refusal``: an apology or refusal ("I'm sorry", "As an AI", "I cannot ...");
 - ``boilerplate``: a preamble ("Sure", "Here is", "Rewritten caption:").
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 import re
 import string
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +34,7 @@ __all__ = [
     "clean_output",
     "clip_token_count",
     "comparable",
+    "warm_up",
 ]
 
 MAX_CLIP_TOKENS = 75
@@ -135,7 +140,8 @@ def check_rewrite(
         return "identical"
     if _LINE_BREAK.search(body):
         return "multi_line"
-    if (count_tokens or clip_token_count)(body) > max_tokens:
+    tokens = count_tokens(body) if count_tokens else clip_token_count(body, at_most=max_tokens)
+    if tokens > max_tokens:
         return "too_long"
     said = body.translate(_APOSTROPHES)
     before = original.translate(_APOSTROPHES)
@@ -149,8 +155,21 @@ def check_rewrite(
     return None
 
 
-@functools.lru_cache(maxsize=1)
+_TOKENIZER_LOCK = threading.Lock()  # validation runs in worker threads: build it once
+
+
 def _clip_tokenizer() -> Any:
+    with _TOKENIZER_LOCK:
+        return _load_tokenizer()
+
+
+def warm_up() -> None:
+    """Load the CLIP tokenizer now (importing open_clip takes seconds), not in the first check."""
+    _clip_tokenizer()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_tokenizer() -> Any:
     try:
         from open_clip.tokenizer import SimpleTokenizer
     except ImportError:
@@ -158,22 +177,56 @@ def _clip_tokenizer() -> Any:
     return SimpleTokenizer()
 
 
+@functools.lru_cache(maxsize=1)
+def _longest_token_bytes(tokenizer: Any) -> int:
+    """Bytes in the longest vocabulary entry: no BPE token of a word covers more."""
+    return max(len(token.removesuffix("</w>")) for token in tokenizer.encoder)
+
+
+def _clean(tokenizer: Any, text: str) -> str:
+    """The text as `tokenizer.encode` cleans it before splitting it into words."""
+    clean_fn = getattr(tokenizer, "clean_fn", None)
+    if clean_fn is not None:
+        return clean_fn(text)
+    from open_clip.tokenizer import basic_clean, whitespace_clean  # open_clip before clean_fn
+
+    return whitespace_clean(basic_clean(text)).lower()
+
+
 # The tokenizer memoises the BPE of every word it has seen; bound that on long runs.
 _BPE_CACHE_LIMIT = 500_000
 
 
-def clip_token_count(text: str) -> int:
+def clip_token_count(text: str, *, at_most: int | None = None) -> int:
     """CLIP BPE tokens in `text`, without the start and end tokens (so 75 fit CLIP's 77).
 
     Uses open_clip's `SimpleTokenizer` (the tokenizer of OpenAI CLIP and open_clip's CLIP
     models). Without open_clip it falls back to `approx_token_count`.
+
+    With `at_most`, the count is exact when it is at most `at_most` and otherwise only some
+    number above it, found in time linear in `text`: BPE costs the square of a word's length
+    (a 120 KB word took 75 s), so counting stops once past `at_most`, and a word whose bytes
+    alone need more tokens than are left never goes through BPE.
     """
     tokenizer = _clip_tokenizer()
     if tokenizer is None:
         return approx_token_count(text)
     if len(tokenizer.cache) > _BPE_CACHE_LIMIT:
         tokenizer.cache = {t: t for t in ("<start_of_text>", "<end_of_text>")}
-    return len(tokenizer.encode(text))
+    if at_most is None:
+        return len(tokenizer.encode(text))
+    # `tokenizer.encode`, word by word: clean, split with its pattern, BPE each word's bytes.
+    longest = _longest_token_bytes(tokenizer)
+    count = 0
+    for match in tokenizer.pat.finditer(_clean(tokenizer, text)):
+        data = match.group().encode("utf-8")
+        if count + -(-len(data) // longest) > at_most:  # each token covers <= `longest` bytes
+            return at_most + 1
+        word = "".join(tokenizer.byte_encoder[b] for b in data)
+        count += len(tokenizer.bpe(word).split(" "))
+        if count > at_most:
+            return count
+    return count
 
 
 _PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+", re.IGNORECASE)

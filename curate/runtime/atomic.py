@@ -23,6 +23,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
         with open(tmp, "rb") as handle:  # on disk before it gets its final name
             os.fsync(handle.fileno())
         os.replace(tmp, final)
+    except OSError as error:
+        if error.filename in (None, tmp, str(tmp)):
+            error.filename = str(final)  # name the file being written (ENOSPC has no name)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
