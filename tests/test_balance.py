@@ -16,8 +16,10 @@ import numpy as np
 import polars as pl
 import pytest
 from clikit import run_cli
+from resharder_oracle import assert_resharder_accepts
 from shardkit import make_image_bytes, make_shard, sample_members, write_tar
 
+from curate.balance.draws import DrawRule
 from curate.balance.matching import pad_text
 from curate.balance.metadata import load_metadata, save_metadata
 from curate.balance.stage import (
@@ -123,6 +125,8 @@ def test_balance_matches_counts_and_probabilities_follow_the_oracle(
     # The subset is exactly the kept rows, in both formats.
     kept = decisions.filter(pl.col("status") == "kept")["uid"].to_list()
     assert sorted(read_uid_file(out / SUBSET_NPY).uids) == sorted(kept)
+    dropped = decisions.filter(pl.col("status") != "kept")["uid"].to_list()
+    assert_resharder_accepts(out / SUBSET_NPY, kept, dropped)
     assert pl.read_parquet(out / SUBSET_TABLE)["uid"].to_list() == kept
     assert report.kept == len(kept)
     summary = json.loads((out / REPORT_JSON).read_text())
@@ -149,6 +153,51 @@ def test_head_entries_are_capped_near_t_and_the_tail_kept(
     tail = table.filter(pl.col("count") <= t)
     assert tail["count_after"].to_list() == tail["count"].to_list()
     assert report.max_count_after < report.max_count_before
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_draw_rules_keep_the_published_probabilities(
+    tmp_path: Path, metadata_file: Path, seed: int
+) -> None:
+    """independent: MetaCLIP's coin per text (u < p, u the seeded uniform of the uid).
+    systematic (default): texts matching the same entries keep ⌊Σp⌋ or ⌈Σp⌉ of themselves."""
+    from curate.balance.sampling import uniform_draws
+    from curate.io.uid_files import uids_to_pairs
+
+    captions = make_pool(tmp_path / "shards", shards=2, per_shard=300, seed=seed)
+    meta = load_metadata(metadata_file)
+    outcomes = {}
+    for draw in ("systematic", "independent"):
+        out = tmp_path / draw
+        spec = BalanceSpec(t=12.0, seed=seed, draw=DrawRule(draw))
+        _, report = balance(str(tmp_path / "shards"), meta, out, spec)
+        assert report.draw == draw
+        assert json.loads((out / REPORT_JSON).read_text())["spec"]["draw"] == draw
+        decisions = pl.read_parquet(out / DECISIONS_TABLE)
+        outcomes[draw] = decisions
+    matches = [frozenset(oracle_matches(c, meta.entries)) for c in captions]
+
+    independent = outcomes["independent"]
+    coins = uniform_draws(uids_to_pairs(independent["uid"].to_list()), seed)
+    expected = [
+        bool(m and c < p)
+        for m, c, p in zip(matches, coins, independent["keep_prob"].to_list(), strict=True)
+    ]
+    assert (independent["status"] == "kept").to_list() == expected
+
+    systematic = outcomes["systematic"]
+    assert systematic["keep_prob"].to_list() == independent["keep_prob"].to_list()
+    total: dict[frozenset, float] = {}
+    kept: dict[frozenset, int] = {}
+    for m, p, status in zip(
+        matches, systematic["keep_prob"].to_list(), systematic["status"].to_list(), strict=True
+    ):
+        total[m] = total.get(m, 0.0) + p
+        kept[m] = kept.get(m, 0) + (status == "kept")
+    assert kept.get(frozenset(), 0) == 0
+    assert len(total) > 5 and any(t % 1 > 0 for t in total.values())  # real rounding happens
+    for m in total:
+        assert math.floor(total[m] + 1e-6) <= kept[m] <= math.ceil(total[m] - 1e-6), m
 
 
 def test_every_sample_is_accounted_for(tmp_path: Path, metadata_file: Path) -> None:

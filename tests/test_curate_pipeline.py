@@ -67,7 +67,7 @@ def test_demo_scored_selected_written_and_trained(
     selected, pool = int(printed.group(1)), int(printed.group(2))
     assert pool == scored
     uids = np.load(demo / "subset" / "subset.npy")
-    assert uids.dtype == np.dtype([("u0", "<u8"), ("u1", "<u8")])
+    assert uids.dtype == np.dtype("u8,u8")  # what DataComp's resharder asserts
     assert len(uids) == selected
     # Independent check of the recipe on the scores table (DataComp rule: keep >= desc[n]).
     ok = scores.filter(pl.col("status") == "scored")
@@ -77,7 +77,7 @@ def test_demo_scored_selected_written_and_trained(
     second = stage1["normsim_inf"].to_numpy()
     thr2 = np.sort(second)[::-1][math.floor(0.2 * len(first))]
     want = set(stage1.filter(pl.col("normsim_inf") >= thr2)["uid"].to_list())
-    got = {f"{int(a):016x}{int(b):016x}" for a, b in zip(uids["u0"], uids["u1"], strict=True)}
+    got = {f"{int(a):016x}{int(b):016x}" for a, b in zip(uids["f0"], uids["f1"], strict=True)}
     assert got == want
 
     # NormSim_2-D reads the run's embeddings and keeps what the top rule keeps without ties.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import polars as pl
 import pytest
 import webdataset as wds
 from clikit import run_cli
-from fairkit import OCCUPATIONS, people_rows, write_people_shards
+from fairkit import OCCUPATIONS, people_rows, uid_of, write_people_shards
+from resharder_oracle import assert_resharder_accepts
 
 BIAS = {"nurse": 0.85, "engineer": 0.2}
 PARQUET_WARNINGS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -170,6 +172,8 @@ def test_m4_brings_association_bias_under_eps_and_writes_shards(
     assert code == 0, err
     for name in ("subset.npy", "weights.parquet", "decisions.parquet"):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    kept = decisions.filter(pl.col("status") == "kept")["uid"].to_list()
+    assert_resharder_accepts(out / "subset.npy", kept, [r.uid for r in rows if r.uid not in kept])
 
 
 @PARQUET_WARNINGS
@@ -281,3 +285,128 @@ def test_rebalance_errors_are_one_line(
         code, _, err = run_cli([*args, "--out", str(tmp_path / "x")], capsys)
         assert code == 2, args
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- small concepts: the subset realises the weights ------------------------------------------
+
+SMALL_OCCUPATIONS = [
+    "accountant", "actor", "architect", "artist", "baker", "banker", "barber", "bartender",
+    "biologist", "butcher", "carpenter", "cashier", "chef", "chemist", "cleaner", "clerk",
+    "coach", "cook", "dancer", "dentist", "designer", "detective", "developer", "doctor",
+    "driver", "economist", "editor", "electrician", "engineer", "farmer",
+]  # fmt: skip
+
+
+def small_concept_rows(seed: int) -> list[tuple[str, str, str | None, str | None]]:
+    """Each occupation has 7 gendered captions, 6 of one gender and 1 of the other (mean
+    association bias 5/14 = 0.357), plus 200 people without an occupation."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for occupation in SMALL_OCCUPATIONS:
+        men = 6 if rng.random() < 0.5 else 1
+        for j in range(7):
+            word = "man" if j < men else "woman"
+            gender = "male" if j < men else "female"
+            caption = f"a photo of a {word} working as a {occupation}"
+            rows.append((uid_of(len(rows), f"small{seed}"), caption, gender, occupation))
+    for k in range(200):
+        word, gender = ("man", "male") if k % 2 else ("woman", "female")
+        rows.append((uid_of(len(rows), f"small{seed}"), f"a {word} in the park", gender, None))
+    return rows
+
+
+def _mean_concept_bias(rows: list, weight: dict[str, float]) -> float:
+    """Oracle: mean over occupations of |weighted female share − 1/2| (two groups, π = 1/2)."""
+    biases = []
+    for occupation in SMALL_OCCUPATIONS:
+        mine = [r for r in rows if r[3] == occupation]
+        total = sum(weight[r[0]] for r in mine)
+        female = sum(weight[r[0]] for r in mine if r[2] == "female")
+        if total > 0:
+            biases.append(abs(female / total - 0.5))
+    return float(np.mean(biases))
+
+
+@PARQUET_WARNINGS
+@pytest.mark.parametrize("seed", [0, 1])
+def test_subset_realises_the_weights_on_small_concepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: int
+) -> None:
+    rows = small_concept_rows(seed)
+    table = pl.DataFrame({"uid": [r[0] for r in rows], "caption": [r[1] for r in rows]})
+    table.write_parquet(tmp_path / "pool.parquet")
+    half = len(rows) // 2  # the same pool split into two tables
+    (tmp_path / "split").mkdir()
+    table[:half].write_parquet(tmp_path / "split" / "a.parquet")
+    table[half:].write_parquet(tmp_path / "split" / "b.parquet")
+    (tmp_path / "occupations.txt").write_text("\n".join(SMALL_OCCUPATIONS) + "\n")
+    audits = {}
+    for name, source in (("one", tmp_path / "pool.parquet"), ("two", tmp_path / "split")):
+        audits[name] = tmp_path / f"audit-{name}"
+        code, _, err = run_cli(
+            ["audit", str(source), "--concepts", str(tmp_path / "occupations.txt"),
+             "--attribute", "gender", "--out", str(audits[name]), "--no-progress", "--json"],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, err
+
+    measured = {}
+    for draw in ("systematic", "independent"):
+        out = tmp_path / draw
+        args = ["rebalance", str(audits["one"]), "--eta", "0.5", "--seed", str(seed)]
+        code, stdout, err = run_cli([*args, "--draw", draw, "--out", str(out), "--json"], capsys)
+        assert code == 0, err
+        report = json.loads(stdout)
+        assert report["status"] == "optimal", report["message"]
+        decisions = pl.read_parquet(out / "decisions.parquet")
+        weight = dict(zip(decisions["uid"].to_list(), decisions["weight"].to_list(), strict=True))
+        kept = set(decisions.filter(pl.col("status") == "kept")["uid"].to_list())
+        before = _mean_concept_bias(rows, {r[0]: 1.0 for r in rows})
+        assert before == pytest.approx(5 / 14)
+        weights_bias = _mean_concept_bias(rows, weight)
+        subset_bias = _mean_concept_bias(rows, {r[0]: float(r[0] in kept) for r in rows})
+        measured[draw] = (weights_bias, subset_bias)
+        gender = _gender_change(report)
+        assert gender["association_mean_before"] == pytest.approx(before)
+        assert gender["association_mean_weights"] == pytest.approx(weights_bias)
+        assert gender["association_mean_subset"] == pytest.approx(subset_bias)
+        assert gender["concepts_constrained"] == len(SMALL_OCCUPATIONS)
+        assert gender["concepts_measured"] == 0  # every concept is below the audit's 20
+        if draw == "systematic":
+            # Within each exact class (occupation, gender) the kept count is the floor or the
+            # ceiling of the class's expected count.
+            for occupation in [*SMALL_OCCUPATIONS, None]:
+                for gender_name in ("male", "female"):
+                    members = [r[0] for r in rows if r[3] == occupation and r[2] == gender_name]
+                    if not members:
+                        continue
+                    expected = sum(weight[u] for u in members)
+                    count = sum(u in kept for u in members)
+                    assert math.floor(expected + 1e-6) <= count <= math.ceil(expected - 1e-6)
+            # The same pool split into two tables gives the same bytes.
+            other = tmp_path / "systematic-split"
+            code, _, err = run_cli(
+                ["rebalance", str(audits["two"]), "--eta", "0.5", "--seed", str(seed),
+                 "--out", str(other), "--json"],
+                capsys,
+            )  # fmt: skip
+            assert code == 0, err
+            assert (other / "subset.npy").read_bytes() == (out / "subset.npy").read_bytes()
+            assert_resharder_accepts(out / "subset.npy", sorted(kept))
+
+    weights_bias, subset_bias = measured["systematic"]
+    assert weights_bias < 0.07  # M4 brought 0.357 down to about ε_D
+    assert abs(subset_bias - weights_bias) <= 0.02
+    # The per-uid coin (what main drew before) lands far from the weights on such pools.
+    assert measured["independent"][1] - measured["independent"][0] > 0.05
+
+    # The summary says how many concepts were constrained and how many are below the support.
+    code, out, err = run_cli(
+        ["rebalance", str(audits["one"]), "--eta", "0.5", "--out", str(tmp_path / "text")], capsys
+    )
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "nan" not in out
+    assert f"{len(SMALL_OCCUPATIONS)} concepts constrained" in flat
+    assert f"{len(SMALL_OCCUPATIONS)} of them below --min-support 20" in flat
+    assert "association bias (mean" in flat

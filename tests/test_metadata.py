@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from fractions import Fraction
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from curate.balance.build import (
+    NUMBER_ENTRIES,
     NgramResult,
     SourceCount,
     find_wordnet,
@@ -281,7 +283,7 @@ def test_read_wordnet_takes_head_lemmas_in_order(tmp_path: Path) -> None:
     assert read_wordnet(folder) == [
         "entity",
         "hot dog",
-        "Aalborg",
+        "aalborg",
         "dog",
         "breathe",
         "dog",
@@ -290,6 +292,38 @@ def test_read_wordnet_takes_head_lemmas_in_order(tmp_path: Path) -> None:
         "former",
         "galore",
     ]
+
+
+def nltk_style_name(line: str) -> str:
+    """MetaCLIP's WordNet entry for one data line, spelled out the way nltk builds it: the first
+    lemma without a trailing ``(...)`` marker, lowercased, + ``.pos.NN``; then cut at the first
+    dot and underscores turned into spaces."""
+    lemma = line.split()[4]
+    if lemma.endswith(")") and "(" in lemma:
+        lemma = lemma[: lemma.rindex("(")]
+    name = lemma.lower() + ".n.01"
+    return name[: name.find(".")].replace("_", " ")
+
+
+WORDNET_NAME_LINES = [
+    "09145083 15 n 02 St._Louis 0 Saint_Louis 0 001 @i 08524735 n 0000 | a city in Missouri  ",
+    "15154774 28 n 02 A.D. 0 AD 0 001 ;c 15154601 n 0000 | in the Christian era  ",
+    "09044862 15 n 03 United_States 0 United_States_of_America 0 U.S. 0 000 | a country  ",
+    "04583212 06 n 01 Wi-Fi 0 000 | a wireless local area network  ",
+    "03484809 06 n 01 .22 0 000 | a .22 caliber firearm  ",
+    "02691156 06 n 01 ALGOL_60 0 000 | a language  ",
+    "01285136 00 s 01 Straße(a) 0 000 | a street  ",
+]
+
+
+def test_read_wordnet_follows_nltk_synset_names(tmp_path: Path) -> None:
+    # MetaCLIP's build_metadata.py: ss.name() cut at the first dot, underscores as spaces.
+    # nltk lowercases the first lemma to make the name, so case goes and a lemma with a dot in
+    # it is cut there (St._Louis → "st", A.D. → "a", .22 → "").
+    folder = write_wordnet(tmp_path / "dict", {"data.noun": WORDNET_NAME_LINES})
+    expected = ["st", "a", "united states", "wi-fi", "", "algol 60", "straße"]
+    assert [nltk_style_name(line) for line in WORDNET_NAME_LINES] == expected
+    assert read_wordnet(folder) == expected
 
 
 def test_read_wordnet_with_some_files_and_errors(tmp_path: Path) -> None:
@@ -358,8 +392,11 @@ def oracle_runs(caption: str) -> list[list[str]]:
     return [run for run in runs if run]
 
 
-def oracle_mine(captions: list, min_uni: int, min_bi: int, min_pmi: float) -> dict:
-    """Slow, plain n-gram mining with dicts and exact fractions."""
+def oracle_mine(
+    captions: list, min_uni: int, min_bi: int, min_pmi: float, unit: str = "bits"
+) -> dict:
+    """Slow, plain n-gram mining with dicts, PMI as nltk's BigramAssocMeasures.pmi:
+    log2(count(ab) * N) - log2(count(a) * count(b)), N the number of tokens."""
     uni: dict[str, int] = {}
     bi: dict[tuple[str, str], int] = {}
     texts = skipped = 0
@@ -378,16 +415,27 @@ def oracle_mine(captions: list, min_uni: int, min_bi: int, min_pmi: float) -> di
     n_pairs = sum(bi.values())
     unigrams = [w for w in uni if uni[w] >= min_uni]
     unigrams.sort(key=lambda w: (-uni[w], w))
-    pmi: dict[str, Fraction] = {}
+    pmi: dict[str, float] = {}
+    exact: dict[str, Fraction] = {}
     for (a, b), count in bi.items():
-        ratio = Fraction(count, n_pairs) / (Fraction(uni[a], n_tokens) * Fraction(uni[b], n_tokens))
-        if count >= min_bi and ratio >= Fraction(min_pmi):
-            pmi[a + " " + b] = ratio
-    bigrams = sorted(pmi, key=lambda s: (-float(pmi[s]), s))
+        bits = math.log2(count * n_tokens) - math.log2(uni[a] * uni[b])
+        if unit == "bits":
+            # Floats can land a hair off an exact power of two; that one is kept (≥).
+            exact_power = min_pmi == int(min_pmi) and count * n_tokens == (
+                Fraction(2) ** int(min_pmi) * uni[a] * uni[b]
+            )
+            keep = bits >= min_pmi or exact_power
+        else:
+            keep = Fraction(count * n_tokens, uni[a] * uni[b]) >= Fraction(min_pmi)
+        if count >= min_bi and keep:
+            pmi[a + " " + b] = bits
+            exact[a + " " + b] = Fraction(count * n_tokens, uni[a] * uni[b])
+    # Ordered by the exact PMI (equal ratios can differ in the last bit of their float PMI).
+    bigrams = sorted(pmi, key=lambda s: (-exact[s], s))
     return {
         "unigrams": unigrams,
         "bigrams": bigrams,
-        "pmi": {s: float(pmi[s]) for s in bigrams},
+        "pmi": pmi,
         "tokens": n_tokens,
         "texts": texts,
         "skipped": skipped,
@@ -438,17 +486,32 @@ def random_captions(seed: int, count: int) -> list:
 
 
 @pytest.mark.parametrize(
-    ("seed", "min_uni", "min_bi", "min_pmi"),
-    [(0, 1, 1, 0.0), (1, 30, 3, 2.0), (2, 100, 5, 30.0), (3, 50, 2, 5.5), (4, 10, 10, 1.0)],
+    ("seed", "min_uni", "min_bi", "min_pmi", "unit"),
+    [
+        (0, 1, 1, 0.0, "bits"),
+        (1, 30, 3, 2.0, "bits"),
+        (2, 100, 5, 30.0, "bits"),
+        (3, 50, 2, 5.5, "bits"),
+        (4, 10, 10, 1.0, "bits"),
+        (5, 1, 1, 3.0, "bits"),
+        (6, 1, 2, 7.0, "bits"),
+        (7, 1, 1, 2.0, "ratio"),
+        (8, 30, 3, 30.0, "ratio"),
+        (9, 1, 1, 5.5, "ratio"),
+    ],
 )
 def test_mine_ngrams_matches_slow_oracle(
-    seed: int, min_uni: int, min_bi: int, min_pmi: float
+    seed: int, min_uni: int, min_bi: int, min_pmi: float, unit: str
 ) -> None:
     captions = random_captions(seed, 1500)
     result = mine_ngrams(
-        iter(captions), min_unigram_count=min_uni, min_bigram_count=min_bi, min_bigram_pmi=min_pmi
+        iter(captions),
+        min_unigram_count=min_uni,
+        min_bigram_count=min_bi,
+        min_bigram_pmi=min_pmi,
+        pmi_unit=unit,
     )
-    expected = oracle_mine(captions, min_uni, min_bi, min_pmi)
+    expected = oracle_mine(captions, min_uni, min_bi, min_pmi, unit)
     assert isinstance(result, NgramResult)
     assert result.unigrams == expected["unigrams"]
     assert result.bigrams == expected["bigrams"]
@@ -459,8 +522,35 @@ def test_mine_ngrams_matches_slow_oracle(
     assert result.skipped == expected["skipped"]
     assert result.bigram_positions == expected["positions"]
     assert result.skipped > 0 and result.unigrams  # the random corpus exercises both
-    if min_pmi <= 2.0:
+    if min_pmi <= 3.0 or unit == "ratio":
         assert result.bigrams
+
+
+def test_pmi_is_in_bits_by_default_and_30_bits_is_2_to_the_30() -> None:
+    # One bigram "a b" in a corpus of N tokens where a and b occur once each:
+    # PMI = log2(1 * N) - log2(1 * 1) = log2(N) bits, i.e. a ratio of N.
+    def corpus(n_tokens: int) -> list[str]:
+        return ["a b", *(["x"] * (n_tokens - 2))]
+
+    def kept(n_tokens: int, threshold: float, **unit: str) -> bool:
+        result = mine_ngrams(
+            corpus(n_tokens),
+            min_unigram_count=1,
+            min_bigram_count=1,
+            min_bigram_pmi=threshold,
+            **unit,
+        )
+        assert result.tokens == n_tokens
+        return result.bigrams == ["a b"]
+
+    assert not kept(8, 30.0)  # log2(8) = 3 bits: far below 30 bits, though 8 ≥ 3
+    assert kept(8, 3.0) and not kept(7, 3.0) and kept(9, 3.0)
+    assert kept(8, 8.0, pmi_unit="ratio") and not kept(7, 8.0, pmi_unit="ratio")
+    assert kept(8, 2.5) and not kept(5, 2.5)  # log2(5) = 2.32, log2(8) = 3
+    assert mine_ngrams(corpus(16), min_unigram_count=1, min_bigram_count=1).bigram_pmi == {}
+    assert mine_ngrams(
+        corpus(16), min_unigram_count=1, min_bigram_count=1, min_bigram_pmi=4.0
+    ).bigram_pmi == {"a b": 4.0}
 
 
 def test_mine_ngrams_by_hand() -> None:
@@ -473,21 +563,28 @@ def test_mine_ngrams_by_hand() -> None:
     assert result.bigram_positions == 2 + 3 + 2  # no bigram spans a mark
     assert result.unigrams == ["New", "York"]  # case kept: "new" and "york" occur once
     assert "York New" not in result.bigrams
-    # P(New York) = 2/7, P(New) = P(York) = 3/13: ratio (2/7) / (9/169) = 338/63.
-    assert result.bigram_pmi["New York"] == 338 / 63
-    assert result.bigrams[-1] == "New York"  # every other bigram occurs once: 169/7 each
+    # nltk's PMI: log2(count(New York) * N) - log2(count(New) * count(York)) = log2(26 / 9).
+    assert result.bigram_pmi["New York"] == pytest.approx(math.log2(26 / 9), abs=1e-12)
+    assert result.bigrams[-1] == "New York"  # every other bigram occurs once: log2(13) each
+    assert result.bigram_pmi["is big"] == pytest.approx(math.log2(13), abs=1e-12)
     assert result.bigrams[:-1] == sorted(result.bigrams[:-1])
 
 
 def test_mine_ngrams_thresholds_are_inclusive() -> None:
-    # 2 tokens, 1 bigram position: the ratio for "a b" is (1/1) / ((1/2)(1/2)) = 4 exactly.
+    # 2 tokens: the PMI of "a b" is log2(1 * 2) - log2(1 * 1) = 1 bit, a ratio of 2, exactly.
     assert mine_ngrams(
-        ["a b"], min_unigram_count=1, min_bigram_count=1, min_bigram_pmi=4.0
+        ["a b"], min_unigram_count=1, min_bigram_count=1, min_bigram_pmi=1.0
     ).bigrams == ["a b"]
     assert mine_ngrams(
-        ["a b"], min_unigram_count=2, min_bigram_count=2, min_bigram_pmi=4.0
+        ["a b"], min_unigram_count=1, min_bigram_count=1, min_bigram_pmi=2.0, pmi_unit="ratio"
+    ).bigrams == ["a b"]
+    assert mine_ngrams(
+        ["a b"], min_unigram_count=2, min_bigram_count=2, min_bigram_pmi=1.0
     ) == NgramResult([], [], tokens=2, texts=1, skipped=0, bigram_positions=1, bigram_pmi={})
-    assert not mine_ngrams(["a b"], min_bigram_count=1, min_bigram_pmi=4.000001).bigrams
+    assert not mine_ngrams(["a b"], min_bigram_count=1, min_bigram_pmi=1.000001).bigrams
+    assert not mine_ngrams(
+        ["a b"], min_bigram_count=1, min_bigram_pmi=2.000001, pmi_unit="ratio"
+    ).bigrams
     empty = mine_ngrams([])
     assert (empty.tokens, empty.texts, empty.unigrams, empty.bigrams) == (0, 0, [], [])
 
@@ -514,6 +611,19 @@ def test_merge_sources_counts() -> None:
     assert merge_sources([]) == ([], [])
 
 
+def test_merge_sources_drops_single_punctuation_entries() -> None:
+    # MetaCLIP's build_metadata.py skips `entry in set(string.punctuation)`: one ASCII mark.
+    merged, counts = merge_sources(
+        [("words", ["!", "dog", "--", "#", "-", "U.S.", "？", "dog", "", "%", "a!"])]
+    )
+    assert merged == ["dog", "--", "U.S.", "？", "a!"]
+    assert counts == [SourceCount("words", read=11, added=5, duplicates=1, blank=1, punctuation=4)]
+
+
+def test_number_entries_are_the_references() -> None:
+    assert tuple(str(i) for i in range(100)) == NUMBER_ENTRIES
+
+
 def test_built_metadata_saves_and_loads(tmp_path: Path) -> None:
     folder = write_wordnet(tmp_path / "dict", {"data.noun": DATA_NOUN, "data.adj": DATA_ADJ})
     mined = mine_ngrams(random_captions(9, 500), min_unigram_count=20, min_bigram_pmi=2.0)
@@ -526,3 +636,72 @@ def test_built_metadata_saves_and_loads(tmp_path: Path) -> None:
     )
     digest = save_metadata(tmp_path / "m.json", merged)
     assert load_metadata(tmp_path / "m.json") == Metadata(merged, str(tmp_path / "m.json"), digest)
+
+
+# --- the CLI: the reference merge ------------------------------------------------------------
+
+
+def test_cli_build_adds_numbers_and_drops_punctuation_like_the_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clikit import run_cli
+
+    words = tmp_path / "words.txt"
+    words.write_text("dog\n!\n7\nhot dog\n#\n42\n", encoding="utf-8")
+    folder = write_wordnet(tmp_path / "dict", {"data.noun": DATA_NOUN})
+    out = tmp_path / "m.json"
+    code, printed, err = run_cli(
+        ["metadata", "build", "--wordnet", str(folder), "--words", str(words), "-o", str(out),
+         "--json"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    entries = json.loads(out.read_text(encoding="utf-8"))
+    # The reference: set(str(i) for i in range(100)), then every source's non-empty entries
+    # that are not one punctuation character.
+    reference = {str(i) for i in range(100)}
+    for entry in [*read_wordnet(folder), *read_word_list(words)]:
+        if len(entry) > 0 and entry not in set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"):
+            reference.add(entry)
+    assert set(entries) == reference and len(entries) == len(reference)
+    assert entries[:100] == [str(i) for i in range(100)]
+    assert entries[100:] == ["entity", "hot dog", "aalborg", "dog"]
+    report = json.loads(printed)
+    assert report["sources"][0]["name"] == "numbers 0-99"
+    assert report["sources"][-1]["punctuation"] == 2
+    assert report["sources"][-1]["duplicates"] == 4  # dog, 7, hot dog, 42
+
+    code, printed, err = run_cli(
+        ["metadata", "build", "--words", str(words), "--no-numbers", "-o", str(out)], capsys
+    )
+    assert code == 0, err
+    assert json.loads(out.read_text(encoding="utf-8")) == ["dog", "7", "hot dog", "42"]
+    assert "punctuation" in printed
+    # The numbers alone are not metadata: a build whose sources gave nothing still fails.
+    text = tmp_path / "tiny.txt"
+    text.write_text("a b\n", encoding="utf-8")
+    code, _, err = run_cli(
+        ["metadata", "build", "--corpus-text", str(text), "-o", str(tmp_path / "x.json")], capsys
+    )
+    assert code == 2 and "gave no entries" in err and not (tmp_path / "x.json").exists()
+
+
+def _wordnet_30() -> Path | None:
+    """The installed WordNet dict folder when it is WordNet 3.0 (Debian's wordnet-base)."""
+    folder = find_wordnet()
+    if folder is None:
+        return None
+    head = (folder / "data.noun").read_text(encoding="utf-8", errors="replace")[:3000]
+    return folder if "WordNet 3.0 Copyright" in head else None
+
+
+@pytest.mark.skipif(
+    _wordnet_30() is None, reason="WordNet 3.0 is not installed (apt-get install wordnet-base)"
+)
+def test_real_wordnet_30_gives_the_papers_count() -> None:
+    # 117,659 synsets; nltk names cut at the first dot give 86,555 distinct strings, one of them
+    # empty (.22 and friends); with "0".."99" that is the paper's 86,654 WordNet entries.
+    names = read_wordnet(_wordnet_30())
+    assert len(names) == 117_659 and len(set(names)) == 86_555 and "" in names
+    merged, _ = merge_sources([("numbers 0-99", list(NUMBER_ENTRIES)), ("wordnet", names)])
+    assert len(merged) == 86_654

@@ -140,3 +140,15 @@ def test_parse_size() -> None:
     for bad in ("", "GB", "-1", "1TB"):
         with pytest.raises(InputError):
             parse_size(bad)
+
+
+def test_write_help_says_derived_uids_are_unknown_to_the_resharder(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run_cli(["write", "--help"], capsys)
+    assert code == 0
+    flat = " ".join(out.replace("│", " ").split())
+    assert "resharder reads uids from the json only" in flat
+    assert "derived uids" in flat
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "resharder reads uids from each sample's json only" in " ".join(readme.split())

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
+from resharder_oracle import assert_resharder_accepts
 
 from curate.errors import InputError
 from curate.io.uid_files import DATACOMP_DTYPE, write_datacomp_npy
@@ -749,6 +750,8 @@ def test_outputs_are_datacomp_and_reproducible(tmp_path: Path) -> None:
     assert pairs == sorted(pairs) and len(set(pairs)) == len(pairs)
     assert [f"{a:016x}{b:016x}" for a, b in pairs] == sorted(kept)
     assert len(kept) == report.selected > 0
+    pool_uids = frame["uid"].to_list()
+    assert_resharder_accepts(first / "subset.npy", kept, [u for u in pool_uids if u not in kept])
 
     record = json.loads((first / "select.json").read_text(encoding="utf-8"))
     assert record["selected"] == report.selected

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from resharder_oracle import assert_resharder_accepts
 
 from curate.errors import InputError
 from curate.io.uid_files import (
@@ -66,12 +67,16 @@ def test_write_datacomp_npy_matches_hand_built_layout(tmp_path: Path, seed: int)
     expected_pairs = sorted({(int(u[:16], 16), int(u[16:], 16)) for u in uids})
     assert count == len(expected_pairs)
     array = np.load(path, allow_pickle=False)
-    assert array.dtype == np.dtype([("u0", "<u8"), ("u1", "<u8")])
-    assert array.dtype.names == ("u0", "u1")
-    assert array.dtype.descr == [("u0", "<u8"), ("u1", "<u8")]
+    # Exactly what DataComp's resharder asserts; numpy compares structured dtypes by field name.
+    assert array.dtype == np.dtype("u8,u8")
+    assert array.dtype.names == ("f0", "f1")
+    assert array.dtype.descr == [("f0", "<u8"), ("f1", "<u8")]
     assert array.ndim == 1
-    got_pairs = [(int(a), int(b)) for a, b in zip(array["u0"], array["u1"], strict=True)]
+    got_pairs = [(int(a), int(b)) for a, b in zip(array["f0"], array["f1"], strict=True)]
     assert got_pairs == expected_pairs  # sorted by (u0, u1), unique, exact 64-bit values
+    outside = [u for u in random_uids(rng, 20) if u not in {x.lower() for x in uids}]
+    assert_resharder_accepts(path, [u.lower() for u in uids], outside)
+    assert np.isin(array, np.array(expected_pairs[:3], dtype="u8,u8")).sum() == min(3, count)
 
     back = read_uid_file(path)
     assert back.was_sorted
@@ -183,11 +188,44 @@ def test_wrong_npy_dtype(tmp_path: Path, array: np.ndarray) -> None:
     assert str(path) in one_line(exc)
 
 
+@pytest.mark.parametrize("suffix", [".bin", ".npy"])
+@pytest.mark.parametrize("seed", range(4))
+def test_read_raw_memmap_records(tmp_path: Path, suffix: str, seed: int) -> None:
+    """DataComp also accepts a headerless memmap of 16-byte little-endian (u64, u64) records."""
+    rng = np.random.default_rng(seed)
+    uids = random_uids(rng, int(rng.integers(1, 40))) + edge_uids()
+    uids = sorted(uids) if seed % 2 == 0 else uids
+    raw = b"".join(
+        int(u[:16], 16).to_bytes(8, "little") + int(u[16:], 16).to_bytes(8, "little") for u in uids
+    )
+    path = tmp_path / f"subset{suffix}"
+    path.write_bytes(raw)
+    got = read_uid_file(path)
+    assert got.uids == uids
+    assert got.was_sorted == (uids == sorted(uids))
+    if seed % 2 == 0:
+        assert_resharder_accepts(path, uids)  # the resharder reads the same file the same way
+
+
 def test_unreadable_npy(tmp_path: Path) -> None:
     path = tmp_path / "garbage.npy"
-    path.write_bytes(b"not numpy at all")
+    path.write_bytes(b"\x93NUMPY not numpy at all")
     with pytest.raises(InputError, match=r"not a readable \.npy") as exc:
         read_uid_file(path)
+    one_line(exc)
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(bytes(range(17)))
+    with pytest.raises(InputError, match=r"not a multiple of 16\): saw 17 bytes") as exc:
+        read_uid_file(odd)
+    one_line(exc)
+    text = tmp_path / "uids.npy"
+    text.write_text("0123456789abcdef0123456789abcdef\n" * 2)  # 66 bytes
+    with pytest.raises(InputError, match="saw 66 bytes") as exc:
+        read_uid_file(text)
+    one_line(exc)
+    text.write_text("0123456789abcdef0123456789abcdef")  # 32 bytes: a multiple of 16
+    with pytest.raises(InputError, match=r"looks like text.*\.txt") as exc:
+        read_uid_file(text)
     one_line(exc)
     objects = tmp_path / "objects.npy"
     np.save(objects, np.array(["a", None], dtype=object), allow_pickle=True)

@@ -606,7 +606,7 @@ def test_sidecar_stats_and_manifest(synth: Inputs, tmp_path: Path) -> None:
             original = synth.members[key]
             meta = json.loads(original["json"])
             assert row["uid"] in chosen and synth.key[str(row["uid"])] == key
-            assert row["caption"] == original["txt"].decode().strip()
+            assert row["caption"] == original["txt"].decode()
             assert row["url"] == meta["url"]
             assert (row["width"], row["height"]) == (meta["width"], meta["height"])
             assert row["sha256"] == meta["sha256"]

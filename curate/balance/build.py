@@ -1,18 +1,24 @@
 """Building metadata from offline sources: word lists, WordNet, and n-grams mined from captions.
 
-MetaCLIP's 500k entries are WordNet synset head lemmas, Wikipedia unigrams seen at least 100
-times, Wikipedia bigrams with a high PMI, and Wikipedia article titles. Here the n-grams are
-mined from any text corpus (captions, an article dump turned into lines) and `merge_sources`
-concatenates the sources, keeping the first occurrence of each entry.
+MetaCLIP's 500k entries are WordNet synset names, Wikipedia unigrams seen at least 100 times,
+Wikipedia bigrams with a PMI of at least 30 bits, and Wikipedia article titles. Here the n-grams
+are mined from any text corpus (captions, an article dump turned into lines) and `merge_sources`
+concatenates the sources, keeping the first occurrence of each entry. The reference build
+(MetaCLIP's ``build_metadata.py``) also starts from the strings ``"0"`` .. ``"99"``
+(`NUMBER_ENTRIES`) and skips entries that are one punctuation character; `merge_sources` does
+the latter for every source.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
@@ -22,7 +28,10 @@ from curate.balance.matching import PADDED_MARKS, pad_text
 from curate.errors import InputError
 
 __all__ = [
+    "NUMBER_ENTRIES",
+    "PUNCTUATION_ENTRIES",
     "NgramResult",
+    "PmiUnit",
     "SourceCount",
     "default_wordnet_dirs",
     "find_wordnet",
@@ -33,7 +42,10 @@ __all__ = [
 ]
 
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
-_ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
+NUMBER_ENTRIES = tuple(str(i) for i in range(100))  # MetaCLIP's build starts from these
+PUNCTUATION_ENTRIES = frozenset(string.punctuation)  # one ASCII mark: never an entry
+# A syntactic marker such as (a), (p), (ip) ending a lemma, as nltk's WordNet reader strips it.
+_SYNTACTIC_MARKER = re.compile(r"\([^()]*\)$")
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -82,8 +94,13 @@ def find_wordnet(candidates: Sequence[Path | str] | None = None) -> Path | None:
     return None
 
 
-def _head_lemma(line: str, where: str) -> str:
-    """The head lemma of one WordNet data line, underscores as spaces and no adjective marker."""
+def _synset_entry(line: str, where: str) -> str:
+    """MetaCLIP's entry for one WordNet data line: nltk's synset name cut at the first dot.
+
+    nltk names a synset ``lemma.pos.NN`` after its first lemma, without the syntactic marker and
+    lowercased; MetaCLIP keeps the name up to its first dot, underscores as spaces. A lemma with a
+    dot in it is therefore cut there (``St._Louis`` gives ``st``, ``.22`` gives nothing).
+    """
     fields = line.split()
     try:
         if not fields[0].isdigit():
@@ -101,13 +118,17 @@ def _head_lemma(line: str, where: str) -> str:
         or not all(len(lex_id) == 1 and lex_id in hexdigits for lex_id in lex_ids)
     ):
         raise InputError(f"{where} is not a WordNet data line (word count {fields[3]!r})")
-    return _ADJ_MARKER.sub("", word).replace("_", " ")
+    name = _SYNTACTIC_MARKER.sub("", word).lower()
+    return name.split(".", 1)[0].replace("_", " ")
 
 
 def read_wordnet(folder: Path | str) -> list[str]:
-    """Head lemmas of every synset in a WordNet 3.x ``dict`` folder (noun, verb, adj, adv order).
+    """MetaCLIP's WordNet entries: every synset of a WordNet 3.x ``dict`` folder as nltk names
+    it, cut at the first dot (`_synset_entry`: ``dog.n.01`` gives ``dog``, so lowercase), in
+    noun, verb, adj, adv order.
 
-    Lines starting with two spaces (the license header) are skipped. Repeats are kept.
+    Lines starting with two spaces (the license header) are skipped. Repeats and empty names
+    are kept (`merge_sources` drops them).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -121,13 +142,23 @@ def read_wordnet(folder: Path | str) -> list[str]:
         for number, line in enumerate(text.split("\n"), start=1):
             if line.startswith("  ") or not line.strip():
                 continue
-            lemmas.append(_head_lemma(line, f"{path} line {number}"))
+            lemmas.append(_synset_entry(line, f"{path} line {number}"))
     return lemmas
+
+
+class PmiUnit(str, Enum):
+    """The scale `mine_ngrams` reads its PMI threshold on."""
+
+    bits = "bits"  # log2 P(ab) / (P(a) P(b)), as nltk's BigramAssocMeasures.pmi and MetaCLIP
+    ratio = "ratio"  # P(ab) / (P(a) P(b)) itself, 2 to the power of the PMI in bits
 
 
 @dataclass
 class NgramResult:
-    """Unigrams and bigrams mined by `mine_ngrams`, with the corpus counts behind them."""
+    """Unigrams and bigrams mined by `mine_ngrams`, with the corpus counts behind them.
+
+    `bigram_pmi` holds each kept bigram's PMI in bits, whatever unit the threshold was read on.
+    """
 
     unigrams: list[str]
     bigrams: list[str]
@@ -158,6 +189,7 @@ def mine_ngrams(
     min_unigram_count: int = 100,
     min_bigram_count: int = 5,
     min_bigram_pmi: float = 30.0,
+    pmi_unit: PmiUnit | str = PmiUnit.bits,
 ) -> NgramResult:
     """Frequent unigrams and high-PMI bigrams of a text corpus, tokenised as matching sees it.
 
@@ -167,10 +199,17 @@ def mine_ngrams(
 
     A unigram is kept when it occurs at least `min_unigram_count` times. A bigram ``"a b"`` (two
     adjacent tokens) is kept when it occurs at least `min_bigram_count` times and its PMI is at
-    least `min_bigram_pmi`, where PMI is the ratio ``P(ab) / (P(a) P(b))`` with
-    ``P(ab) = count(ab) / bigram_positions`` and ``P(a) = count(a) / tokens``. That ratio is
-    2 to the power of the PMI in bits; the paper's threshold of 30 is read on this ratio scale.
-    The threshold is compared exactly (with fractions), so results do not hinge on rounding.
+    least `min_bigram_pmi`. The PMI is nltk's ``BigramAssocMeasures.pmi`` as MetaCLIP computes
+    it (``BigramCollocationFinder(word_fd, bigram_fd)``):
+    ``log2(count(ab) * N) - log2(count(a) * count(b))`` bits, where N is the total of the
+    unigram counts (``word_fd.N()``, the number of tokens), not the number of bigram positions;
+    that is ``log2 P(ab) / (P(a) P(b))`` with every probability over N. With `pmi_unit`
+    ``bits`` (the default, MetaCLIP's 30) the threshold is read in bits; with ``ratio`` it is
+    read on ``P(ab) / (P(a) P(b))`` itself (30 bits is a ratio of 2**30).
+
+    The ratio is a fraction of integers and is compared exactly: with a ratio threshold, and
+    with a whole number of bits k (ratio ≥ 2**k), so results do not hinge on rounding. A
+    fractional threshold in bits is compared with the float PMI, as nltk computes it.
 
     Unigrams are ordered by count (descending) then string; bigrams by PMI (descending) then
     string. Captions that are not strings or are blank are skipped and counted in ``skipped``.
@@ -193,16 +232,18 @@ def mine_ngrams(
         (word for word, count in unigram_counts.items() if count >= min_unigram_count),
         key=lambda word: (-unigram_counts[word], word),
     )
-    threshold = Fraction(min_bigram_pmi)
-    pmi: dict[str, float] = {}
+    keep = _pmi_test(min_bigram_pmi, PmiUnit(pmi_unit))
+    terms: dict[str, tuple[int, int]] = {}  # bigram: (count(ab) * N, count(a) * count(b))
     for (first, second), count in bigram_counts.items():
         if count < min_bigram_count:
             continue
-        numerator = count * tokens * tokens
-        denominator = positions * unigram_counts[first] * unigram_counts[second]
-        if numerator >= threshold * denominator:
-            pmi[f"{first} {second}"] = numerator / denominator
-    bigrams = sorted(pmi, key=lambda bigram: (-pmi[bigram], bigram))
+        numerator = count * tokens
+        denominator = unigram_counts[first] * unigram_counts[second]
+        if keep(numerator, denominator):
+            terms[f"{first} {second}"] = (numerator, denominator)
+    ratio = {bigram: Fraction(*pair) for bigram, pair in terms.items()}
+    bigrams = sorted(ratio, key=lambda bigram: (-ratio[bigram], bigram))
+    pmi = {b: math.log2(terms[b][0]) - math.log2(terms[b][1]) for b in bigrams}
     return NgramResult(
         unigrams=unigrams,
         bigrams=bigrams,
@@ -210,8 +251,21 @@ def mine_ngrams(
         texts=texts,
         skipped=skipped,
         bigram_positions=positions,
-        bigram_pmi={bigram: pmi[bigram] for bigram in bigrams},
+        bigram_pmi=pmi,
     )
+
+
+def _pmi_test(threshold: float, unit: PmiUnit) -> Callable[[int, int], bool]:
+    """``keep(numerator, denominator)``: is the PMI of that ratio at least `threshold`?"""
+    if unit is PmiUnit.ratio:
+        exact = Fraction(threshold)
+        return lambda num, den: num * exact.denominator >= exact.numerator * den
+    if math.isfinite(threshold) and threshold.is_integer():
+        k = int(threshold)  # ratio ≥ 2**k, in integers
+        if k >= 0:
+            return lambda num, den: num >= den << k
+        return lambda num, den: num << -k >= den
+    return lambda num, den: math.log2(num) - math.log2(den) >= threshold
 
 
 @dataclass
@@ -223,25 +277,30 @@ class SourceCount:
     added: int
     duplicates: int
     blank: int
+    punctuation: int = 0  # entries that are one ASCII punctuation character
 
 
 def merge_sources(
     sources: Sequence[tuple[str, Sequence[str]]],
 ) -> tuple[list[str], list[SourceCount]]:
-    """Concatenate named sources in order, dropping blank entries and repeats of earlier entries."""
+    """Concatenate named sources in order, dropping blank entries, entries that are one ASCII
+    punctuation character (MetaCLIP's ``entry not in set(string.punctuation)``) and repeats of
+    earlier entries."""
     merged: list[str] = []
     seen: set[str] = set()
     counts: list[SourceCount] = []
     for name, entries in sources:
-        added = duplicates = blank = 0
+        added = duplicates = blank = punctuation = 0
         for entry in entries:
             if not entry.strip():
                 blank += 1
+            elif entry in PUNCTUATION_ENTRIES:
+                punctuation += 1
             elif entry in seen:
                 duplicates += 1
             else:
                 seen.add(entry)
                 merged.append(entry)
                 added += 1
-        counts.append(SourceCount(name, len(entries), added, duplicates, blank))
+        counts.append(SourceCount(name, len(entries), added, duplicates, blank, punctuation))
     return merged, counts

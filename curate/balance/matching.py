@@ -15,6 +15,13 @@ so ``Straße`` matches ``STRASSE``) and an entry matches where it is not precede
 word character (letters, digits and underscore in any script, as ``re``'s ``\\w``). Here
 ``dog`` matches ``dog-friendly`` and ``"dog"``, and ``U.S.`` matches ``the U.S. army``.
 
+Captions arrive as written (every source delivers the decoded text unchanged: no strip, no
+BOM removal). A named normalisation, applied here so every source gets the same one, runs
+before either mode: ``none`` (default; MetaCLIP's ``substr_matching`` sees the raw text, so
+``"\xa0dog"`` does not match ``dog``) or ``strip`` (Python's ``str.strip()``, which MetaCLIP 2's
+curation applies to each text before matching: every character with ``str.isspace()`` goes
+from both ends, a BOM ``\ufeff`` does not).
+
 The automaton reports every occurrence of every pattern, overlapping ones included, so the
 match set equals looping ``pattern in text`` over all entries (MetaCLIP's original approach),
 at a cost that grows with the text length instead of the number of entries.
@@ -31,6 +38,7 @@ import ahocorasick
 __all__ = [
     "MatchMode",
     "Matcher",
+    "Normalization",
     "never_matches",
     "pad_text",
 ]
@@ -48,6 +56,13 @@ class MatchMode(str, Enum):
 
     metaclip = "metaclip"
     words = "words"
+
+
+class Normalization(str, Enum):
+    """What is done to a caption before matching (see the module docstring)."""
+
+    none = "none"  # the text as written (MetaCLIP)
+    strip = "strip"  # str.strip(), as MetaCLIP 2's curation does before matching
 
 
 def pad_text(text: str) -> str:
@@ -86,11 +101,19 @@ class Matcher:
     """An automaton over metadata entries; `match(text)` gives the sorted ids of matched entries.
 
     Entry ids are positions in `entries`. Entries must be distinct; an entry that can never match
-    is kept (its id stays valid) but not put into the automaton.
+    is kept (its id stays valid) but not put into the automaton. `normalize` is applied to every
+    text before matching.
     """
 
-    def __init__(self, entries: Sequence[str], mode: MatchMode | str = MatchMode.metaclip) -> None:
+    def __init__(
+        self,
+        entries: Sequence[str],
+        mode: MatchMode | str = MatchMode.metaclip,
+        *,
+        normalize: Normalization | str = Normalization.none,
+    ) -> None:
         self.mode = MatchMode(mode)
+        self.normalize = Normalization(normalize)
         self.size = len(entries)
         automaton = ahocorasick.Automaton()
         # Several entries can share one pattern in `words` mode (case folding): keep them all.
@@ -111,6 +134,8 @@ class Matcher:
         """Sorted, distinct ids of the entries that `text` matches."""
         if self._automaton is None:
             return []
+        if self.normalize is Normalization.strip:
+            text = text.strip()
         found: set[int] = set()
         if self.mode is MatchMode.metaclip:
             for _end, (_length, ids) in self._automaton.iter(pad_text(text)):

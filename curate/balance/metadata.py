@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from curate.balance.matching import MatchMode, never_matches
-from curate.errors import InputError
+from curate.errors import InputError, brief
+from curate.io.text_files import read_file_bytes
 from curate.runtime.atomic import write_atomic
 
 __all__ = [
@@ -110,10 +111,7 @@ def load_metadata(path: Path | str) -> Metadata:
         raise InputError(f"{source} does not exist")
     if path.is_dir():
         raise InputError(f"{source} is a folder; give a .json or .txt file")
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise InputError(f"cannot read {source}: {error.strerror or error}") from None
+    raw = read_file_bytes(path, "metadata")  # regular files only, at most 256 MiB
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -127,6 +125,10 @@ def load_metadata(path: Path | str) -> Metadata:
                 f"{source} is not valid JSON: {error.msg} (line {error.lineno}, "
                 f"column {error.colno})"
             ) from None
+        except RecursionError:
+            raise InputError(f"{source} is nested too deeply") from None
+        except ValueError as error:  # a number past Python's digit limit
+            raise InputError(f"{source} is not valid JSON: {brief(str(error), 120)}") from None
         if not isinstance(data, list):
             kind = _JSON_TYPES.get(type(data), type(data).__name__)
             raise InputError(f"{source} holds {kind}, not a JSON list of strings")

@@ -4,9 +4,10 @@ The published rule (Xu et al. 2023): count how many texts of the whole pool matc
 (``count_e``); then a text is kept when, for any matched entry e,
 ``random() < min(1, t / count_e)``.
 So a text is kept with probability ``1 − Π_e (1 − min(1, t / count_e))`` and a text that matches
-nothing is dropped. We draw one uniform number per text and compare it with that probability:
-the keep decision has exactly the published distribution, and the draw is a pure function of
-(seed, uid), so the result does not depend on how the pool is split into shards or tasks.
+nothing is dropped. The uniform numbers here are one per text, a pure function of (seed, uid);
+`balance.draws` turns them and the keep probabilities into the subset (MetaCLIP's coin per
+text, or systematic rounding within texts matching the same entries), so the result does not
+depend on how the pool is split into shards or tasks.
 
 Matches are held as CSR arrays: ``offsets`` (n_texts + 1, int64) and ``entry_ids`` (int32); the
 entries of text i are ``entry_ids[offsets[i]:offsets[i + 1]]``, distinct.
@@ -15,16 +16,14 @@ entries of text i are ``entry_ids[offsets[i]:offsets[i + 1]]``, distinct.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
+from enum import Enum
 
 import numpy as np
 
-from curate.io.uid_files import uids_to_pairs
-
 __all__ = [
     "DEFAULT_TAIL_SHARE",
+    "TailRule",
     "ThresholdChoice",
     "count_entries",
     "entry_probabilities",
@@ -42,9 +41,17 @@ _U64 = np.uint64
 _MASK_53 = float(2.0**-53)
 
 
+class TailRule(str, Enum):
+    """How `threshold_from_tail_share` turns a tail share into t."""
+
+    curate = "curate"  # the smallest integer t whose tail holds at least the share
+    metaclip2 = "metaclip2"  # MetaCLIP 2's p_to_t: the count whose cumulative share is nearest
+
+
 @dataclass(frozen=True)
 class ThresholdChoice:
-    """The threshold t and how it was chosen (`rule`: given, tail_share or target_size)."""
+    """The threshold t and how it was chosen (`rule`: given, tail_share, tail_share_metaclip2
+    or target_size)."""
 
     t: float
     rule: str
@@ -99,29 +106,54 @@ def tail_share(counts: np.ndarray, t: float) -> float:
 
 
 def threshold_from_tail_share(
-    counts: np.ndarray, share: float = DEFAULT_TAIL_SHARE
+    counts: np.ndarray, share: float = DEFAULT_TAIL_SHARE, rule: TailRule | str = TailRule.curate
 ) -> ThresholdChoice:
-    """The smallest integer t whose tail (entries with count < t) holds at least `share` of all
-    matches. The tail share only changes at t = v + 1 for the distinct counts v, so t is one more
-    than the smallest count v with Σ_{c ≤ v} c ≥ share · Σ c.
+    """t from the share of all matches that entries below t should hold.
+
+    ``curate`` (the default): the smallest integer t whose tail (entries with count < t) holds at
+    least `share` of all matches. The tail share only changes at t = v + 1 for the distinct
+    counts v, so t is one more than the smallest count v with Σ_{c ≤ v} c / Σ c ≥ share. That
+    share is computed as MetaCLIP's ``t_to_p`` computes it (one correctly rounded division), so
+    the rule round-trips: for a share p = t_to_p(counts, t0), the t found has t_to_p = p exactly
+    (and a share written as a decimal, 7 of 100 matches at 0.07, lands on its boundary).
+
+    ``metaclip2``: MetaCLIP 2's ``p_to_t``, step for step: sort every entry's count (zeros
+    included), divide the cumulative sums by the total, take the first index whose share is
+    nearest `share`, and t is the count there. That count's own matches are inside the share it
+    was picked by, but ``t_to_p`` and the keep rule treat an entry with count t as head, so the
+    tail below t holds less than `share` (p_to_t(t_to_p(t)) is not t in general). When zeros are
+    nearest (or nothing matched) t is 0 and no text is kept, as in the reference.
     """
     if not 0.0 < share < 1.0:
         raise ValueError(f"tail share must be between 0 and 1 (exclusive), got {share}")
     counts = np.asarray(counts, dtype=np.int64)
+    if TailRule(rule) is TailRule.metaclip2:
+        return _p_to_t(counts, share)
     counts = counts[counts > 0]
     if counts.size == 0:
         return ThresholdChoice(t=1.0, rule="tail_share", tail_share=0.0, note="no matches")
     values, per_value = np.unique(counts, return_counts=True)
-    cumulative = np.cumsum(values * per_value)
-    total = int(cumulative[-1])
-    # Exact comparison cumulative ≥ share · total, with the share read as the decimal it is
-    # written as (0.07 · 100 is 7.000000000000001 in floats), in Python integers.
-    exact = Fraction(repr(share))
-    needed = exact.numerator * total
-    sums = [int(c) * exact.denominator for c in cumulative]
-    v = int(values[bisect.bisect_left(sums, needed)])
+    cumulative = np.cumsum(values * per_value).tolist()
+    total = cumulative[-1]
+    shares = [c / total for c in cumulative]  # Python ints: correctly rounded, any size
+    v = int(values[bisect.bisect_left(shares, share)])
     t = float(v + 1)
     return ThresholdChoice(t=t, rule="tail_share", tail_share=tail_share(counts, t))
+
+
+def _p_to_t(counts: np.ndarray, share: float) -> ThresholdChoice:
+    """MetaCLIP 2's ``p_to_t(entry_counts, p)`` on every entry's count (see the caller)."""
+    rule = "tail_share_metaclip2"
+    ordered = np.sort(counts)
+    total = int(ordered.sum())
+    if total == 0:  # the reference's shares are all NaN and argmin takes index 0: t = 0
+        return ThresholdChoice(t=0.0, rule=rule, tail_share=0.0, note="no matches")
+    portion = np.cumsum(ordered) / ordered.sum()
+    t = float(ordered[int(np.abs(portion - share).argmin())])
+    note = None
+    if t == 0:
+        note = "MetaCLIP 2's rule picked an entry nobody matched: t = 0 keeps no text"
+    return ThresholdChoice(t=t, rule=rule, tail_share=tail_share(counts, t), note=note)
 
 
 def threshold_for_size(
@@ -165,7 +197,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def uniform_draws(pairs: np.ndarray, seed: int) -> np.ndarray:
     """One uniform number in [0, 1) per uid, a pure function of (seed, uid).
 
-    `pairs` is the DataComp (u0, u1) form of the uids (`io.uid_files.uids_to_pairs`). The
+    `pairs` is the DataComp (f0, f1) form of the uids (`io.uid_files.uids_to_pairs`). The
     128-bit uid and the 64-bit seed go through SplitMix64 rounds; the top 53 bits give the number.
     """
     first, second = pairs.dtype.names or ("", "")
@@ -173,10 +205,3 @@ def uniform_draws(pairs: np.ndarray, seed: int) -> np.ndarray:
     h = _splitmix64(pairs[first].astype(np.uint64) ^ seed_word)
     h = _splitmix64(h ^ pairs[second].astype(np.uint64))
     return (h >> _U64(11)).astype(np.float64) * _MASK_53
-
-
-def draws_for_uids(uids: Sequence[str], ok: np.ndarray, seed: int) -> np.ndarray:
-    """`uniform_draws` for a pool's rows; rows not `ok` (their uid may be malformed) get the
-    draw of the all-zero uid, which no caller uses."""
-    padded = [u if good else "0" * 32 for u, good in zip(uids, ok, strict=True)]
-    return uniform_draws(uids_to_pairs(padded), seed)

@@ -5,18 +5,19 @@ rest once:
 
 1. ``match`` (map, per unit): captions of one shard or table → ``OUT/matches/<unit>.parquet``
    with uid, shard, key, caption, the matched entry ids and the per-sample error. A unit whose
-   file records the same metadata hash, match mode, caption column and source signature is
-   skipped on a rerun. Units go to task ``i`` of ``k`` by position (``units[i::k]``).
+   file records the same metadata hash, match mode, normalisation, caption column and source
+   signature is skipped on a rerun. Units go to task ``i`` of ``k`` by position (``units[i::k]``).
 2. ``sample`` (reduce, once): read every unit's matches, mark later repeats of a uid as failed,
-   count entries over the pool, choose t, compute every text's keep probability, draw one
-   seeded uniform per uid (`sampling.uniform_draws`), and write
+   count entries over the pool, choose t, compute every text's keep probability, draw the
+   seeded subset (`draws.draw_subset`: systematic rounding among texts matching the same
+   entries by default, or MetaCLIP's independent coin per uid), and write
    ``entry_counts.parquet`` (per entry: count before and after, sampling probability, expected
    count after), ``decisions.parquet`` (every row: kept / dropped with reason / failed with
    error, its keep probability), ``subset.parquet`` + ``subset.npy`` (the balanced subset, like
    `curate select`'s) and ``balance.json`` (parameters and summary).
 
-The result depends on the inputs, the metadata, the mode, the rule for t and the seed only:
-not on the number of tasks or workers.
+The result depends on the inputs, the metadata, the mode, the rule for t, the draw rule and the
+seed only: not on the number of tasks or workers.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from curate.balance.matching import Matcher, MatchMode
+from curate.balance.draws import DrawRule, draw_subset
+from curate.balance.matching import Matcher, MatchMode, Normalization
 from curate.balance.metadata import Metadata
 from curate.balance.sampling import (
     DEFAULT_TAIL_SHARE,
+    TailRule,
     ThresholdChoice,
     count_entries,
-    draws_for_uids,
     entry_probabilities,
     keep_probabilities,
     tail_share,
@@ -59,19 +61,22 @@ DECISIONS_TABLE = "decisions.parquet"
 SUBSET_TABLE = "subset.parquet"
 SUBSET_NPY = "subset.npy"
 REPORT_JSON = "balance.json"
-MATCH_FORMAT = 1
+MATCH_FORMAT = 2  # 2: captions as written (format 1 matched stripped shard captions)
 _META_KEY = b"curate.balance.match"
 HEAD_ROWS = 10
 
 
 @dataclass
 class BalanceSpec:
-    """How to balance: exactly one of `t`, `target_size` may be set; else `tail_share` is used."""
+    """How to balance: exactly one of `t`, `target_size` may be set; else `tail_share` is used,
+    turned into t by `tail_rule`."""
 
     t: float | None = None
     tail_share: float = DEFAULT_TAIL_SHARE
+    tail_rule: TailRule = TailRule.curate
     target_size: int | None = None
     seed: int = 0
+    draw: DrawRule = DrawRule.systematic  # systematic: within texts matching the same entries
 
     def validate(self) -> None:
         if self.t is not None and self.target_size is not None:
@@ -82,6 +87,10 @@ class BalanceSpec:
             raise InputError(f"--target-size must be positive, got {self.target_size}")
         if not 0.0 < self.tail_share < 1.0:
             raise InputError(f"--tail-share must be between 0 and 1, got {self.tail_share}")
+        if TailRule(self.tail_rule) is not TailRule.curate and (
+            self.t is not None or self.target_size is not None
+        ):
+            raise InputError("--tail-rule applies to --tail-share only, not to --t / --target-size")
 
 
 @dataclass
@@ -128,7 +137,9 @@ class BalanceReport:
     metadata_sha256: str
     entries: int
     mode: str
+    normalize: str  # caption normalisation before matching (none, strip)
     seed: int
+    draw: str
     units: int
     rows: int
     failed: int
@@ -137,7 +148,7 @@ class BalanceReport:
     kept: int
     expected_kept: float
     t: float
-    t_rule: str
+    t_rule: str  # given, tail_share (curate's rule), tail_share_metaclip2 or target_size
     tail_share_target: float | None
     tail_share_before: float
     tail_share_after: float
@@ -163,13 +174,19 @@ class BalanceReport:
         return data
 
 
-def match_signature(unit: CaptionUnit, metadata: Metadata, mode: MatchMode) -> dict[str, Any]:
+def match_signature(
+    unit: CaptionUnit,
+    metadata: Metadata,
+    mode: MatchMode,
+    normalize: Normalization = Normalization.none,
+) -> dict[str, Any]:
     """What a unit's match file must record to be reused."""
     return {
         "format": MATCH_FORMAT,
         "metadata_sha256": metadata.sha256,
         "entries": metadata.size,
         "mode": mode.value,
+        "normalize": Normalization(normalize).value,
         "caption_column": unit.caption_column,
         "source": unit.url,
         "signature": unit.signature(),
@@ -200,9 +217,9 @@ def _match_unit(unit: CaptionUnit, path: Path, signature: dict[str, Any]) -> tup
     return frame.height, int(frame["error"].is_not_null().sum())
 
 
-def _init_worker(entries: list[str], mode: str) -> None:
+def _init_worker(entries: list[str], mode: str, normalize: str) -> None:
     global _MATCHER
-    _MATCHER = Matcher(entries, mode)
+    _MATCHER = Matcher(entries, mode, normalize=normalize)
 
 
 def match_units(
@@ -211,6 +228,7 @@ def match_units(
     out: Path,
     *,
     mode: MatchMode = MatchMode.metaclip,
+    normalize: Normalization | str = Normalization.none,
     workers: int = 1,
     task_index: int = 0,
     num_tasks: int = 1,
@@ -221,20 +239,21 @@ def match_units(
     if not 0 <= task_index < num_tasks:
         raise InputError(f"--task-index must be in [0, {num_tasks}), got {task_index}")
     start = time.perf_counter()
+    normalize = Normalization(normalize)
     mine = list(units)[task_index::num_tasks]
     folder = out / MATCHES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     todo: list[tuple[CaptionUnit, Path, dict[str, Any]]] = []
     for unit in mine:
         path = folder / f"{unit.name}.parquet"
-        signature = match_signature(unit, metadata, mode)
+        signature = match_signature(unit, metadata, mode, normalize)
         if path.is_file() and _recorded_signature(path) == signature:
             continue
         todo.append((unit, path, signature))
     rows = failed = 0
     if todo:
         if workers <= 1 or len(todo) == 1:
-            _MATCHER = Matcher(metadata.entries, mode)  # workers build their own
+            _MATCHER = Matcher(metadata.entries, mode, normalize=normalize)  # workers: their own
             for unit, path, signature in todo:
                 n, bad = _match_unit(unit, path, signature)
                 rows, failed = rows + n, failed + bad
@@ -246,7 +265,7 @@ def match_units(
                 max_workers=min(workers, len(todo)),
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(metadata.entries, mode.value),
+                initargs=(metadata.entries, mode.value, normalize.value),
             ) as pool:
                 futures = [pool.submit(_match_unit, *item) for item in todo]
                 for future in futures:
@@ -270,13 +289,16 @@ def load_matches(
     out: Path,
     mode: MatchMode,
     columns: Sequence[str] = ("uid", "shard", "key", "error", "entry_ids"),
+    *,
+    normalize: Normalization | str = Normalization.none,
 ) -> pl.DataFrame:
     """Every unit's match rows in unit order; refuses when a unit is missing or stale."""
     frames = []
     missing: list[str] = []
     for unit in units:
         path = out / MATCHES_DIR / f"{unit.name}.parquet"
-        if not path.is_file() or _recorded_signature(path) != match_signature(unit, metadata, mode):
+        wanted = match_signature(unit, metadata, mode, Normalization(normalize))
+        if not path.is_file() or _recorded_signature(path) != wanted:
             missing.append(unit.name)
             continue
         frames.append(pl.read_parquet(path, columns=list(columns)))
@@ -327,12 +349,14 @@ def sample_pool(
     spec: BalanceSpec,
     *,
     mode: MatchMode = MatchMode.metaclip,
+    normalize: Normalization | str = Normalization.none,
     source: str = "",
 ) -> BalanceReport:
     """The sample phase: counts, t, keep probabilities, draws and every output file."""
     start = time.perf_counter()
     spec.validate()
-    frame = load_matches(units, metadata, out, mode)
+    normalize = Normalization(normalize)
+    frame = load_matches(units, metadata, out, mode, normalize=normalize)
     n = frame.height
     if n == 0:
         raise InputError(f"{source}: the source holds no samples")
@@ -346,9 +370,10 @@ def sample_pool(
     choice = _choose_threshold(spec, offsets, entry_ids, counts)
     t = choice.t
     probability = keep_probabilities(offsets, entry_ids, counts, t)
-    draws = draws_for_uids(uid.to_list(), ok, spec.seed)
     matched = ok & (lengths > 0)
-    kept = matched & (draws < probability)
+    kept = draw_subset(
+        probability, uid.to_list(), matched, spec.seed, spec.draw, offsets, entry_ids
+    )
 
     rows_of = np.repeat(np.arange(n), lengths)
     after = count_entries(entry_ids[kept[rows_of]], metadata.size)
@@ -397,7 +422,9 @@ def sample_pool(
         metadata_sha256=metadata.sha256,
         entries=metadata.size,
         mode=mode.value,
+        normalize=normalize.value,
         seed=spec.seed,
+        draw=spec.draw.value,
         units=len(units),
         rows=n,
         failed=int((~ok).sum()),
@@ -407,11 +434,11 @@ def sample_pool(
         expected_kept=float(probability[ok].sum()),
         t=t,
         t_rule=choice.rule,
-        tail_share_target=spec.tail_share if choice.rule == "tail_share" else None,
+        tail_share_target=spec.tail_share if choice.rule.startswith("tail_share") else None,
         tail_share_before=choice.tail_share,
         tail_share_after=tail_share(after, t),
         entries_matched=int((counts > 0).sum()),
-        head_entries=int((counts >= t).sum()),
+        head_entries=int(((counts > 0) & (counts >= t)).sum()),
         matches_before=int(counts.sum()),
         matches_after=int(after.sum()),
         max_count_before=int(counts.max(initial=0)),
@@ -441,7 +468,7 @@ def _choose_threshold(
         return ThresholdChoice(t=float(spec.t), rule="given", tail_share=tail_share(counts, spec.t))
     if spec.target_size is not None:
         return threshold_for_size(offsets, entry_ids, counts, spec.target_size)
-    return threshold_from_tail_share(counts, spec.tail_share)
+    return threshold_from_tail_share(counts, spec.tail_share, spec.tail_rule)
 
 
 def _head_rows(
@@ -485,6 +512,7 @@ def balance(
     spec: BalanceSpec,
     *,
     mode: MatchMode = MatchMode.metaclip,
+    normalize: Normalization | str = Normalization.none,
     caption_column: str | None = None,
     workers: int = 1,
     on_unit: Callable[[int], None] | None = None,
@@ -495,7 +523,9 @@ def balance(
     units = resolve_units(source, caption_column)
     if on_units:
         on_units(len(units))
-    matched = match_units(units, metadata, out, mode=mode, workers=workers, on_unit=on_unit)
+    matched = match_units(
+        units, metadata, out, mode=mode, normalize=normalize, workers=workers, on_unit=on_unit
+    )
     label = source if isinstance(source, str) else " ".join(source)
-    report = sample_pool(units, metadata, out, spec, mode=mode, source=label)
+    report = sample_pool(units, metadata, out, spec, mode=mode, normalize=normalize, source=label)
     return matched, report

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from curate.balance.matching import MatchMode
-from curate.balance.sampling import DEFAULT_TAIL_SHARE
+from curate.balance.matching import MatchMode, Normalization
+from curate.balance.sampling import DEFAULT_TAIL_SHARE, TailRule
 from curate.cli import options as opt
 from curate.cli.report import balance_summary, match_summary, print_json
 from curate.errors import InputError
@@ -56,6 +56,17 @@ def balance_command(
             rich_help_panel="Metadata",
         ),
     ] = MatchMode.metaclip,
+    normalize: Annotated[
+        Normalization,
+        typer.Option(
+            "--normalize",
+            help="Caption text before matching, the same for shards and tables. none: as "
+            "written, as MetaCLIP matches it ('\\xa0dog' does not match dog). strip: Python's "
+            "str.strip(), as MetaCLIP 2's curation does (outer whitespace such as no-break "
+            "spaces goes; a BOM stays).",
+            rich_help_panel="Metadata",
+        ),
+    ] = Normalization.none,
     t: Annotated[
         float | None,
         typer.Option(
@@ -69,11 +80,23 @@ def balance_command(
         float,
         typer.Option(
             "--tail-share",
-            help="Without --t / --target-size: the smallest t whose entries below t hold this "
-            "share of all matches (MetaCLIP's choice is about 0.06).",
+            help="Without --t / --target-size: choose t so that the entries below t hold this "
+            "share of all matches (MetaCLIP's choice is about 0.06), by --tail-rule.",
             rich_help_panel="Balancing",
         ),
     ] = DEFAULT_TAIL_SHARE,
+    tail_rule: Annotated[
+        TailRule,
+        typer.Option(
+            "--tail-rule",
+            help="How --tail-share becomes t. curate (default): the smallest t whose entries "
+            "below t hold at least the share (a share measured by MetaCLIP's t_to_p gives back "
+            "a t with exactly that share). metaclip2: MetaCLIP 2's p_to_t, the sorted entry count "
+            "whose cumulative share is nearest (its own matches count in the share, so the "
+            "tail below t holds less).",
+            rich_help_panel="Balancing",
+        ),
+    ] = TailRule.curate,
     target_size: Annotated[
         int | None,
         typer.Option(
@@ -89,6 +112,7 @@ def balance_command(
             rich_help_panel="Balancing",
         ),
     ] = 0,
+    draw: opt.DrawOpt = opt.DrawRule.systematic,
     caption_column: opt.CaptionColumnOpt = None,
     phase: Annotated[
         Phase,
@@ -130,7 +154,14 @@ def balance_command(
     from curate.io.captions import resolve_units
     from curate.runtime.progress import progress_bar, scoring_status
 
-    spec = BalanceSpec(t=t, tail_share=tail_share, target_size=target_size, seed=seed)
+    spec = BalanceSpec(
+        t=t,
+        tail_share=tail_share,
+        tail_rule=tail_rule,
+        target_size=target_size,
+        seed=seed,
+        draw=draw,
+    )
     spec.validate()
     workers = opt.match_workers(workers)
     if task_index is None:
@@ -154,6 +185,7 @@ def balance_command(
                 meta,
                 out,
                 mode=match,
+                normalize=normalize,
                 workers=workers,
                 task_index=task_index,
                 num_tasks=num_tasks,
@@ -166,7 +198,9 @@ def balance_command(
                 match_summary(matched, out)
             return
     with scoring_status("counting entries and sampling", enabled=not no_progress):
-        report = sample_pool(units, meta, out, spec, mode=match, source=" ".join(sources))
+        report = sample_pool(
+            units, meta, out, spec, mode=match, normalize=normalize, source=" ".join(sources)
+        )
     if as_json:
         print_json(report.to_json())
     else:

@@ -81,7 +81,7 @@ def demo_command(
         "--workers 1 --lr 1e-4 --warmup 1\n"
         "or balance the pool over metadata mined from its captions (MetaCLIP):\n"
         f"  curate metadata build --corpus {out}/shards --min-unigram-count 20 "
-        f"--min-bigram-pmi 2 --out {out}/metadata.json\n"
+        f"--min-bigram-pmi 1 --out {out}/metadata.json\n"
         f"  curate balance {out}/shards --metadata {out}/metadata.json --out {out}/balanced",
         highlight=False,
         soft_wrap=True,

@@ -343,6 +343,18 @@ def rebalance_command(
     seed: Annotated[
         int, typer.Option(help="Seed of the keep draws (one per uid).", rich_help_panel="Output")
     ] = 0,
+    draw: opt.DrawOpt = opt.DrawRule.systematic,
+    min_support: Annotated[
+        int | None,
+        typer.Option(
+            "--min-support",
+            min=1,
+            help="Concepts with fewer labelled samples are left out of the max association "
+            "bias in the summary (the mean covers every constrained concept). Default: the "
+            "audit's.",
+            rich_help_panel="Output",
+        ),
+    ] = None,
     out: Annotated[
         Path,
         typer.Option(
@@ -374,8 +386,10 @@ def rebalance_command(
         bound=bound.value,  # type: ignore[arg-type]
         target=target.value,  # type: ignore[arg-type]
         seed=seed,
+        draw=draw.value,
         augment=augment.value,  # type: ignore[arg-type]
         swap_table=swap_table,
+        min_support=min_support,
     )
     options.validate()
     with scoring_status("rebalancing", enabled=not as_json):

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from curate.balance.build import PmiUnit
 from curate.balance.matching import MatchMode
 from curate.cli import options as opt
 from curate.cli.report import metadata_build_summary, print_json, stdout_console
@@ -54,8 +55,9 @@ def build_command(
         typer.Option(
             "--wordnet",
             help="WordNet dict folder (data.noun, data.verb, ...; Debian's wordnet-base installs "
-            "/usr/share/wordnet), or 'auto' to look in the usual places. Adds every synset's "
-            "head lemma, underscores as spaces.",
+            "/usr/share/wordnet), or 'auto' to look in the usual places. Adds every synset as "
+            "MetaCLIP does: nltk's synset name up to its first dot (dog.n.01 → dog; names are "
+            "lowercase), underscores as spaces.",
             rich_help_panel="Sources",
         ),
     ] = None,
@@ -99,17 +101,37 @@ def build_command(
         float,
         typer.Option(
             "--min-bigram-pmi",
-            help="Mined word pairs with P(a b) / (P(a) P(b)) at least this (MetaCLIP: 30).",
+            help="Mined word pairs with a PMI at least this, in --pmi-unit (MetaCLIP: 30 bits).",
             rich_help_panel="N-grams",
         ),
     ] = 30.0,
+    pmi_unit: Annotated[
+        PmiUnit,
+        typer.Option(
+            "--pmi-unit",
+            help="Scale of --min-bigram-pmi. bits: log2 P(a b) / (P(a) P(b)), nltk's PMI as "
+            "MetaCLIP uses it, every P over the token count. ratio: P(a b) / (P(a) P(b)) "
+            "itself (30 bits = a ratio of 2^30).",
+            rich_help_panel="N-grams",
+        ),
+    ] = PmiUnit.bits,
+    numbers: Annotated[
+        bool,
+        typer.Option(
+            "--numbers/--no-numbers",
+            help="Start from the entries 0 .. 99, as MetaCLIP's build does.",
+            rich_help_panel="Sources",
+        ),
+    ] = True,
     as_json: opt.JsonOpt = False,
 ) -> None:
-    """Build metadata from offline sources, in this order: WordNet head lemmas, word lists,
-    mined unigrams, mined bigrams. Blank entries are skipped and each entry is kept once (its
-    first source wins); the table shows what every source added.
+    """Build metadata from offline sources, in this order: the numbers 0 .. 99, WordNet synset
+    names, word lists, mined unigrams, mined bigrams. As in MetaCLIP's build, blank entries and
+    entries that are one punctuation character (! # - ...) are skipped; each entry is kept once
+    (its first source wins); the table shows what every source added.
     """
     from curate.balance.build import (
+        NUMBER_ENTRIES,
         find_wordnet,
         merge_sources,
         mine_ngrams,
@@ -142,13 +164,17 @@ def build_command(
             min_unigram_count=min_unigram_count,
             min_bigram_count=min_bigram_count,
             min_bigram_pmi=min_bigram_pmi,
+            pmi_unit=pmi_unit,
         )
         sources.append((f"unigrams (count ≥ {min_unigram_count})", mined.unigrams))
-        sources.append((f"bigrams (PMI ≥ {min_bigram_pmi:g})", mined.bigrams))
+        unit = " bits" if pmi_unit is PmiUnit.bits else " (ratio)"
+        sources.append((f"bigrams (PMI ≥ {min_bigram_pmi:g}{unit})", mined.bigrams))
     if not sources:
         raise InputError("no source given: use --words, --wordnet or --corpus/--corpus-text")
+    if numbers:
+        sources.insert(0, ("numbers 0-99", list(NUMBER_ENTRIES)))
     entries, counts = merge_sources(sources)
-    if not entries:
+    if not any(c.read - c.blank - c.punctuation for c in counts if c.name != "numbers 0-99"):
         raise InputError(
             "the sources gave no entries (for a small corpus, lower --min-unigram-count and "
             "--min-bigram-count)"

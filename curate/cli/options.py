@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from curate.balance.draws import DrawRule
 from curate.io.images import DEFAULT_MAX_PIXELS
 
 
@@ -32,7 +33,9 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         help="open_clip model name (ViT-B-32, ViT-L-14, ...), an hf-hub: name, or a JSON "
-        "model config file. Default: ViT-B-32, or the model recorded in the run folder.",
+        "model config file. Default: ViT-B-32, or the model recorded in the run folder. "
+        "Models over 5 billion parameters (estimated from the config) are refused; set "
+        "CURATE_MAX_PARAMS to change the limit.",
         rich_help_panel="Model",
     ),
 ]
@@ -128,3 +131,17 @@ def match_workers(value: int | None) -> int:
 
 
 __all__ = ["DEFAULT_MAX_PIXELS"]
+
+DrawOpt = Annotated[
+    DrawRule,
+    typer.Option(
+        "--draw",
+        help="How keep probabilities become the subset. systematic: within each exact class "
+        "(same concepts or matched entries, same labels) samples are taken in a seeded uid "
+        "order at evenly spaced points of their cumulative probability, so a class keeps the "
+        "floor or ceiling of its expected count. independent: one seeded coin per uid "
+        "(MetaCLIP's published rule; counts scatter on small classes). Each sample's keep "
+        "probability is the same under both.",
+        rich_help_panel="Output",
+    ),
+]

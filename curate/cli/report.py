@@ -49,6 +49,11 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _finite(value: float) -> float | None:
+    """None (printed as '-') for NaN: a measure over nothing."""
+    return None if value != value else value
+
+
 def print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(strict_json(payload), indent=2, sort_keys=True, default=str))
 
@@ -193,7 +198,11 @@ def match_summary(report: MatchReport, out: Path) -> None:
 def balance_summary(report: BalanceReport) -> None:
     """Pool, t, kept count, and the entry distribution before and after balancing."""
     head = Table(title="curate balance", show_header=False, title_justify="left")
-    head.add_row("metadata", f"{report.metadata} ({report.entries} entries, {report.mode})")
+    head.add_row(
+        "metadata",
+        f"{report.metadata} ({report.entries} entries, {report.mode}, "
+        f"normalize {report.normalize})",
+    )
     head.add_row("pool rows", str(report.rows))
     head.add_row("failed", str(report.failed))
     for code, n in report.failures.items():
@@ -202,9 +211,11 @@ def balance_summary(report: BalanceReport) -> None:
         "texts matching an entry", f"{report.matched} ({report.matched_fraction:.1%} of the pool)"
     )
     head.add_row("entries matched", f"{report.entries_matched} of {report.entries}")
-    rule = {"given": "given", "tail_share": f"tail share {report.tail_share_target}"}.get(
-        report.t_rule, "target size"
-    )
+    rule = {
+        "given": "given",
+        "tail_share": f"tail share {report.tail_share_target}",
+        "tail_share_metaclip2": f"tail share {report.tail_share_target}, MetaCLIP 2's p_to_t",
+    }.get(report.t_rule, "target size")
     head.add_row("t", f"{report.t:g} ({rule})")
     head.add_row("entries at or above t (sampled)", str(report.head_entries))
     head.add_row(
@@ -215,7 +226,11 @@ def balance_summary(report: BalanceReport) -> None:
     head.add_row(
         "largest entry count", f"{report.max_count_before} before, {report.max_count_after} after"
     )
-    head.add_row("kept", f"{report.kept} (expected {report.expected_kept:.1f}), seed {report.seed}")
+    head.add_row(
+        "kept",
+        f"{report.kept} (expected {report.expected_kept:.1f}), seed {report.seed}, "
+        f"{report.draw} draw",
+    )
     stdout_console.print(head)
     if report.note:
         stdout_console.print(f"[yellow]{report.note}[/yellow]", highlight=False)
@@ -274,9 +289,12 @@ def metadata_build_summary(
         ("added", "right"),
         ("duplicates", "right"),
         ("blank", "right"),
+        ("punctuation", "right"),
     )
     for s in sources:
-        table.add_row(s.name, str(s.read), str(s.added), str(s.duplicates), str(s.blank))
+        table.add_row(
+            s.name, str(s.read), str(s.added), str(s.duplicates), str(s.blank), str(s.punctuation)
+        )
     stdout_console.print(table)
     stdout_console.print(f"{entries} entries written to {out}", highlight=False, soft_wrap=True)
     if unmatchable:
@@ -370,10 +388,15 @@ def audit_summary(report: AuditReport) -> None:
                 _signed(attr.shares[i] - attr.target[i]),
             )
         stdout_console.print(rep)
+        association = (
+            f"association bias {_fmt(attr.association_bias)} (max over "
+            f"{attr.concepts_measured} concepts with enough labelled samples)"
+            if attr.concepts_measured
+            else "association bias not measured: no concept has --min-support labelled samples "
+            "(per-concept values are in association.parquet)"
+        )
         stdout_console.print(
-            f"representation bias {_fmt(attr.representation_bias)}; association bias "
-            f"{_fmt(attr.association_bias)} (max over {attr.concepts_measured} concepts with "
-            "enough labelled samples)",
+            f"representation bias {_fmt(attr.representation_bias)}; {association}",
             highlight=False,
         )
         if attr.most_skewed:
@@ -459,9 +482,11 @@ def rebalance_summary(report: RebalanceReport) -> None:
         colour = "yellow" if report.status in ("infeasible", "max_iter") else "default"
         stdout_console.print(f"[{colour}]{escape(report.message)}[/{colour}]", highlight=False)
     for change in report.attributes:
+        below = change.concepts_constrained - change.concepts_measured
         table = Table(
-            title=f"{change.attribute}: bias before and after "
-            f"({change.concepts_measured} concepts measured)",
+            title=f"{change.attribute}: bias before and after ({change.concepts_constrained} "
+            f"concepts constrained, {below} of them below --min-support "
+            f"{change.min_support} labelled samples)",
             title_justify="left",
             box=box.SIMPLE_HEAD,
         )
@@ -474,11 +499,19 @@ def rebalance_summary(report: RebalanceReport) -> None:
             _fmt(change.representation_weights),
             _fmt(change.representation_subset),
         )
+        if change.concepts_measured:
+            table.add_row(
+                f"association bias (max, {change.concepts_measured} concepts with ≥ "
+                f"{change.min_support} samples)",
+                _fmt(change.association_before),
+                _fmt(change.association_weights),
+                _fmt(change.association_subset),
+            )
         table.add_row(
-            "association bias",
-            _fmt(change.association_before),
-            _fmt(change.association_weights),
-            _fmt(change.association_subset),
+            f"association bias (mean, {change.concepts_constrained} constrained concepts)",
+            _fmt(_finite(change.association_mean_before)),
+            _fmt(_finite(change.association_mean_weights)),
+            _fmt(_finite(change.association_mean_subset)),
         )
         for i, group in enumerate(change.groups):
             table.add_row(

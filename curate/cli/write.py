@@ -52,8 +52,8 @@ def write_command(
         typer.Option(
             "--subset",
             "-s",
-            help="The subset: curate select's folder or subset.parquet, a DataComp .npy, or a "
-            ".txt with one uid per line.",
+            help="The subset: curate select's folder or subset.parquet, a DataComp .npy (or a "
+            "raw .bin memmap of 16-byte uid records), or a .txt with one uid per line.",
             show_default=False,
         ),
     ],
@@ -151,7 +151,10 @@ def write_command(
     copied verbatim, deterministic tars (same inputs, same bytes), an img2dataset-style
     NNNNN.parquet and NNNNN_stats.json per shard, manifest.json and sizes.json (open_clip reads
     the sample counts). Subset uids not found in SHARDS are counted and listed in
-    OUT/missing_uids.txt.
+    OUT/missing_uids.txt. Uids are the DataComp uid from a sample's json, else derived from
+    the shard file name and key (README, uids); DataComp's resharder reads uids from the json
+    only, so it cannot find samples with derived uids in a subset.npy: write those with
+    `curate write`.
     """
     from curate.runtime.progress import progress_bar
     from curate.writing.stage import WriteOptions, write_subset

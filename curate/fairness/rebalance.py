@@ -12,16 +12,22 @@ Input is an audit folder (`fairness.audit`): its labels, concept ids and targets
   downsampling: they are left as they are and listed.
 - ``none``: weights of 1 (only ``--augment``).
 
-Weights become a seeded subset: sample i is kept when u_i < q_i, u_i one SplitMix64 uniform
-per (seed, uid) (`balance.sampling.uniform_draws`), so the result does not depend on row order.
-The weights themselves go to ``weights.parquet`` for ``curate write --repeats weight``.
+Weights become a seeded subset (`balance.draws`): by default systematic rounding within exact
+classes (same labels of the rebalanced attributes, same concepts), so each class keeps the floor
+or ceiling of its expected count and the subset's bias follows the weights' even on concepts
+with a handful of samples; ``draw="independent"`` keeps sample i when u_i < q_i instead. Either
+is a pure function of (seed, uids, weights), independent of row order and input split. The
+weights themselves go to ``weights.parquet`` for ``curate write --repeats weight``.
 
 ``--augment swap`` writes counterfactual captions (gendered terms swapped, `fairness.swap`) for
 kept samples in curate rewrite's table format, so ``curate write --rewrites OUT`` adds them as
 ``<key>.rewrites.json`` next to the original caption.
 
 Bias before, under the weights, and in the drawn subset is measured with the audit's own
-metrics and written to ``metrics.parquet``; ``rebalance.json`` holds options and summary.
+metrics and written to ``metrics.parquet``; ``rebalance.json`` holds options and summary. The
+summary's association bias is the max over concepts with at least ``min_support`` labelled
+samples, and the mean over every constrained concept (one with a labelled sample), so pools of
+small concepts still show what the weights and the subset did.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from curate.balance.sampling import draws_for_uids
+from curate.balance.draws import DrawRule, draw_subset
 from curate.errors import InputError
 from curate.fairness.audit import Pool, _share_frame, read_audit, target_shares
 from curate.fairness.m4 import AttributeInput, M4Options, solve_m4
@@ -65,6 +71,7 @@ class RebalanceOptions:
     bound: Literal["conditional", "joint"] = "conditional"
     target: Literal["audit", "uniform", "pool"] = "audit"
     seed: int = 0
+    draw: Literal["systematic", "independent"] = "systematic"
     augment: Augment = "none"
     swap_table: str | None = None  # default: the spec's table of the swapped attribute
     min_support: int | None = None  # default: the audit's
@@ -89,9 +96,14 @@ class BiasChange:
     association_before: float  # max over concepts with at least min_support labelled samples
     association_weights: float
     association_subset: float
+    association_mean_before: float  # mean over the constrained concepts (any support)
+    association_mean_weights: float
+    association_mean_subset: float
     shares_before: list[float]
     shares_subset: list[float]
-    concepts_measured: int
+    concepts_measured: int  # constrained concepts with at least min_support labelled samples
+    concepts_constrained: int  # concepts with a labelled sample: the ones M4 constrains
+    min_support: int
 
 
 @dataclass
@@ -179,6 +191,12 @@ def _max_supported(table: ShareTable, support: np.ndarray) -> float:
     return float(values.max()) if support.any() else float("nan")
 
 
+def _mean_over(table: ShareTable, concepts: np.ndarray) -> float:
+    """Mean concept bias over `concepts` that still hold a labelled sample (NaN if none)."""
+    chosen = concepts & (np.nan_to_num(table.totals) > 0)
+    return float(table.bias[chosen].mean()) if chosen.any() else float("nan")
+
+
 def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> RebalanceReport:
     """Weights, the seeded subset, counterfactual captions and before/after bias."""
     start = time.perf_counter()
@@ -242,8 +260,16 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
             else "every concept with labelled samples downsampled to the target"
         )
 
-    draws = draws_for_uids(pool.frame["uid"].to_list(), ok, options.seed)
-    kept = ok & (draws < weights)
+    kept = draw_subset(
+        weights,
+        pool.frame["uid"].to_list(),
+        ok,
+        options.seed,
+        DrawRule(options.draw),
+        pool.concept_indptr,
+        pool.concept_indices,
+        [pool.labels[name] for name in names],
+    )
 
     changes = []
     metric_frames = []
@@ -252,7 +278,8 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
         before = _tables(pool, name, k, targets[name], None)
         weighted = _tables(pool, name, k, targets[name], weights)
         subset = _tables(pool, name, k, targets[name], kept.astype(np.float64))
-        support = np.nan_to_num(before[1].totals) >= min_support
+        constrained = np.nan_to_num(before[1].totals) > 0
+        support = constrained & (np.nan_to_num(before[1].totals) >= min_support)
         for stage, (rep, assoc) in (("before", before), ("weights", weighted), ("subset", subset)):
             metric_frames.append(
                 _share_frame(name, groups[name], rep, None)
@@ -279,9 +306,14 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
                 association_before=_max_supported(before[1], support),
                 association_weights=_max_supported(weighted[1], support),
                 association_subset=_max_supported(subset[1], support),
+                association_mean_before=_mean_over(before[1], constrained),
+                association_mean_weights=_mean_over(weighted[1], constrained),
+                association_mean_subset=_mean_over(subset[1], constrained),
                 shares_before=[float(x) for x in before[0].shares[0]],
                 shares_subset=[float(x) for x in subset[0].shares[0]],
                 concepts_measured=int(support.sum()),
+                concepts_constrained=int(constrained.sum()),
+                min_support=min_support,
             )
         )
 

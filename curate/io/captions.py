@@ -9,6 +9,9 @@ A source is one of:
 
 Every unit reads into the same columns: uid, shard, key, caption, error (``code: detail`` or
 null). A row with an error is a recorded per-sample failure; it is never dropped silently.
+Captions are the decoded text as written, from every source alike: nothing is stripped and a
+BOM stays. A caption that is empty or only whitespace (`tar_reader.is_blank_caption`, the same
+rule for shards and tables) fails with ``empty_caption``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import polars as pl
 
 from curate.errors import InputError
 from curate.io.shards import resolve_shards, shard_stems, source_signature
-from curate.io.tar_reader import ShardReader
+from curate.io.tar_reader import CAPTION_WHITESPACE, ShardReader
 
 __all__ = ["CAPTION_COLUMNS", "CaptionUnit", "read_unit", "resolve_units"]
 
@@ -164,7 +167,7 @@ def _read_table(unit: CaptionUnit) -> pl.DataFrame:
             "key": frame["key"].cast(pl.String)
             if "key" in frame.columns
             else [str(i) for i in range(n)],
-            "caption": text.str.strip_chars(),
+            "caption": text,
             "upstream": frame["error"].cast(pl.String)
             if "error" in frame.columns
             else pl.Series([None] * n, dtype=pl.String),
@@ -181,7 +184,7 @@ def _read_table(unit: CaptionUnit) -> pl.DataFrame:
         .then(pl.lit("caption_not_utf8: caption bytes are not UTF-8"))
         .when(pl.col("caption").is_null())
         .then(pl.lit("missing_caption: caption is null"))
-        .when(pl.col("caption") == "")
+        .when(pl.col("caption").str.strip_chars(CAPTION_WHITESPACE) == "")
         .then(pl.lit("empty_caption: caption is empty or whitespace"))
     )
     return rows.with_columns(error.alias("error")).select(

@@ -17,7 +17,9 @@ Failure records (``RawSample.error == "code: detail"``), in order of precedence:
   ``f"{key}#{n}"`` (n = 2, 3, ...) so that every record of a shard has a distinct uid even when
   the repeat carries the same json uid.
 - ``missing_image``, ``missing_caption``, ``caption_not_utf8``, ``empty_caption`` (empty or
-  whitespace-only after strip; OK captions are returned stripped).
+  only whitespace, `is_blank_caption`). OK captions are returned exactly as decoded: not
+  stripped, a BOM kept (matching and any normalisation are the consumer's business, the same
+  for every source).
 - ``truncated_shard``: the stream ended abruptly or was corrupt (short member data, a cut or
   garbled header, no end-of-archive marker). The sample being assembled when that happened fails
   with this code (its remaining members may have been lost), reading stops, and
@@ -53,11 +55,13 @@ from curate.io.shards import open_shard, shard_basename
 from curate.io.uids import derive_uid, uid_from_meta
 
 __all__ = [
+    "CAPTION_WHITESPACE",
     "FAILURE_CODES",
     "IMAGE_EXTS",
     "EndAwareTarInfo",
     "RawSample",
     "ShardReader",
+    "is_blank_caption",
     "parse_meta",
     "sample_uid",
     "split_member_name",
@@ -74,6 +78,12 @@ FAILURE_CODES = (
     "missing_from_tar",
 )
 _WANTED = frozenset((*IMAGE_EXTS, "txt", "json"))
+# Every character with str.isspace(): what str.strip() removes, spelled out for polars'
+# strip_chars (whose default, Unicode White_Space, leaves out U+001C..U+001F).
+CAPTION_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 
 
 @dataclass
@@ -264,7 +274,7 @@ class ShardReader:
         caption_error: str | None = None
         if group.caption is not None:
             try:
-                caption = group.caption.decode("utf-8").removeprefix("\ufeff").strip()
+                caption = group.caption.decode("utf-8")
             except UnicodeDecodeError as exc:
                 caption_error = f"caption_not_utf8: {exc}"
 
@@ -279,7 +289,7 @@ class ShardReader:
             error = f"missing_caption: no .txt member for key {key!r}"
         elif caption_error is not None:
             error = caption_error
-        elif not caption:
+        elif is_blank_caption(caption):
             error = f"empty_caption: caption of key {key!r} is empty or whitespace"
         else:
             error = None
@@ -348,6 +358,12 @@ class ShardReader:
             rows.append((str(key), caption if isinstance(caption, str) else None))
         self.sidecar_note = f"{url}: used"
         return rows
+
+
+def is_blank_caption(caption: str) -> bool:
+    """True for a caption that is empty or only whitespace (``str.isspace``: no-break and
+    ideographic spaces, information separators ...; not a BOM). The caption itself is kept."""
+    return not caption.strip()
 
 
 def sample_uid(shard: str, key: str, meta: dict[str, Any] | None, occurrence: int = 1) -> str:

@@ -1,9 +1,12 @@
 """Uid files: DataComp subset `.npy`, parquet with a `uid` column, plain text (one uid per line).
 
 A DataComp subset file is a numpy structured array of two unsigned 64-bit ints per uid, dtype
-``[("u0", "<u8"), ("u1", "<u8")]``, **sorted** (DataComp's resharder binary-searches it, so an
-unsorted file silently loses samples there). Files written by DataComp itself use the field
-names ``f0``/``f1``; any structured dtype with exactly two uint64 fields is read.
+exactly ``np.dtype("u8,u8")`` (fields ``f0``, ``f1``: DataComp's resharder asserts
+``subset.dtype == np.dtype("u8,u8")``, and numpy compares structured dtypes by field name),
+**sorted** (the resharder binary-searches it, so an unsorted file silently loses samples there).
+Reading accepts any 1-D structured dtype with exactly two little-endian uint64 fields (older
+curate files named them ``u0``/``u1``), and, as the resharder does, a raw memmap of the same
+16-byte records without a ``.npy`` header (``.bin``, or a headerless ``.npy``).
 
 Reading keeps the file's multiplicity: ``UidList.uids`` is in file order with repeats, and
 ``UidList.duplicates`` counts the extra copies so callers decide whether repeats are an error,
@@ -34,8 +37,14 @@ __all__ = [
     "write_datacomp_npy",
 ]
 
-DATACOMP_DTYPE = np.dtype([("u0", "<u8"), ("u1", "<u8")])
-UID_FORMATS = ".npy (DataComp), .parquet (uid column), .txt (one uid per line)"
+DATACOMP_DTYPE = np.dtype("u8,u8")  # what the resharder asserts: fields f0, f1, native uint64
+_RECORD = np.dtype("<u8,<u8")  # a raw memmap's records, read as little-endian
+_NPY_MAGIC = b"\x93NUMPY"
+RAW_SUFFIXES = (".bin", ".mmap", ".memmap", ".u16")
+UID_FORMATS = (
+    ".npy (DataComp), .bin (raw memmap of 16-byte records), .parquet (uid column), "
+    ".txt (one uid per line)"
+)
 
 
 @dataclass
@@ -58,7 +67,7 @@ class UidList:
 
 
 def uids_to_pairs(uids: Sequence[str]) -> np.ndarray:
-    """32-hex uids to DataComp's structured (u0, u1) array, in the given order."""
+    """32-hex uids to DataComp's structured (f0, f1) array, in the given order."""
     out = np.empty(len(uids), dtype=DATACOMP_DTYPE)
     for i, uid in enumerate(uids):
         out[i] = (int(uid[:16], 16), int(uid[16:], 16))
@@ -94,13 +103,48 @@ def read_uid_file(path: Path | str) -> UidList:
     if not path.is_file():
         raise InputError(f"uid file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return _read_npy(path)
+    if suffix == ".npy" or suffix in RAW_SUFFIXES:
+        return _read_npy(path) if _has_npy_header(path) else _read_raw(path)
     if suffix == ".parquet":
         return _read_parquet(path)
     if suffix in (".txt", ".uids", ".csv", ""):
         return _read_text(path)
     raise InputError(f"{path}: unknown uid file type {suffix!r}; use {UID_FORMATS}")
+
+
+def _has_npy_header(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+    except OSError as exc:
+        raise InputError(f"cannot read uid file {path}: {exc.strerror or exc}") from None
+
+
+def _read_raw(path: Path) -> UidList:
+    """A headerless file of 16-byte little-endian (u64, u64) records, as DataComp memmaps it."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    seen = f"{size} bytes starting {head[:16]!r}"
+    if size % _RECORD.itemsize:
+        raise InputError(
+            f"{path}: neither a .npy file (no {_NPY_MAGIC!r} header) nor a raw memmap of 16-byte "
+            f"uid records (length not a multiple of 16): saw {seen}"
+        )
+    if head and all(32 <= byte < 127 or byte in b"\t\n\r" for byte in head):
+        raise InputError(
+            f"{path}: looks like text, not a .npy file or a raw memmap of 16-byte uid records "
+            f"(saw {seen}); a list of hex uids, one per line, goes in a .txt file"
+        )
+    array = np.fromfile(path, dtype=_RECORD) if size else np.empty(0, dtype=_RECORD)
+    return _from_pairs(path, array)
+
+
+def _from_pairs(path: Path, array: np.ndarray) -> UidList:
+    names = array.dtype.names or ("", "")
+    a, b = array[names[0]], array[names[1]]
+    was_sorted = bool(np.all((a[1:] > a[:-1]) | ((a[1:] == a[:-1]) & (b[1:] >= b[:-1]))))
+    return UidList(str(path), pairs_to_uids(array), was_sorted=was_sorted)
 
 
 def _read_npy(path: Path) -> UidList:
@@ -117,11 +161,9 @@ def _read_npy(path: Path) -> UidList:
     ):
         raise InputError(
             f"{path}: dtype {array.dtype} with shape {array.shape} is not a DataComp subset "
-            "(a 1-D array of two little-endian uint64 fields, e.g. [('u0','<u8'),('u1','<u8')])"
+            "(a 1-D array of two little-endian uint64 fields, np.dtype('u8,u8'))"
         )
-    a, b = array[names[0]], array[names[1]]
-    was_sorted = bool(np.all((a[1:] > a[:-1]) | ((a[1:] == a[:-1]) & (b[1:] >= b[:-1]))))
-    return UidList(str(path), pairs_to_uids(array), was_sorted=was_sorted)
+    return _from_pairs(path, array)
 
 
 def _read_parquet(path: Path) -> UidList:

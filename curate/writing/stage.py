@@ -542,7 +542,7 @@ def _copy_sample(
         "key": entry.key,
         "uid": sample.uid,
         "url": _as_str(meta.get("url")),
-        "caption": caption.decode("utf-8", "replace").strip() if caption is not None else None,
+        "caption": caption.decode("utf-8", "replace") if caption is not None else None,
         "status": "success",
         "error_message": None,
         "width": _as_int(meta.get("width")),
