@@ -184,3 +184,41 @@ def test_decode_is_fully_loaded_and_detached() -> None:
     img = decode_image(bytes(data))
     data[:] = b"\0" * len(data)
     assert img.copy().size == (32, 32)
+
+
+_EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+    b"newpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+)
+
+
+def test_postscript_never_reaches_ghostscript(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostScript bytes (in a `.jpg` member) must fail without PIL calling Ghostscript."""
+    from PIL import EpsImagePlugin
+
+    calls: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise OSError("ghostscript was called")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", spy)
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+    with pytest.raises(SampleError) as info:
+        decode_image(_EPS)
+    assert info.value.code == "image_decode"
+    assert "not allowed" in info.value.detail
+    assert calls == []
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "TGA", "PCX"])
+def test_formats_outside_the_allowlist_fail(fmt: str) -> None:
+    data = _encode(Image.new("RGB", (16, 16), (200, 10, 10)), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # PIL itself would open it
+    assert _code(data) == "image_decode"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_allowed_formats_decode(fmt: str) -> None:
+    img = decode_image(_encode(Image.new("RGB", (16, 12), (0, 128, 255)), fmt))
+    assert img.mode == "RGB" and img.size == (16, 12)

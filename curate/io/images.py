@@ -6,6 +6,11 @@ pixel is decoded). PIL warnings about odd files are silenced inside ``decode_ima
 not actionable per sample and tests run with warnings as errors); the pixel limit is ours, not
 PIL's ``MAX_IMAGE_PIXELS`` (PIL's own hard error at twice that limit is also mapped to
 ``image_too_large``).
+
+Only the formats in ``IMAGE_FORMATS`` are opened, whatever the member's extension or magic bytes:
+PIL's EPS/PS and PDF plugins hand the bytes to Ghostscript when it is on PATH, and the many rare
+plugins are attack surface no img2dataset shard needs. Other data fails with
+``image_decode: format not allowed``.
 """
 
 from __future__ import annotations
@@ -17,10 +22,15 @@ import warnings
 import numpy as np
 from PIL import Image
 
-__all__ = ["DEFAULT_MAX_PIXELS", "SampleError", "decode_image", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_FORMATS", "SampleError", "decode_image", "to_rgb"]
 
 # PIL's default MAX_IMAGE_PIXELS (~ a 9459x9459 image), kept as our own constant.
 DEFAULT_MAX_PIXELS = 89_478_485
+
+# What img2dataset writes and browsers show; never EPS/PS/PDF (Ghostscript) or other plugins.
+_WANTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+Image.init()
+IMAGE_FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)  # AVIF needs Pillow >= 11.2
 
 _HIGH_DEPTH = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
@@ -45,7 +55,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         # DecompressionBombWarning and friends must never escape (warnings are errors in tests).
         warnings.simplefilter("ignore")
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.UnidentifiedImageError:
+            raise SampleError(
+                "image_decode",
+                f"format not allowed or not an image (allowed: {', '.join(IMAGE_FORMATS)})",
+            ) from None
         except Image.DecompressionBombError as exc:
             raise SampleError("image_too_large", str(exc)) from None
         except Exception as exc:  # PIL plugins raise OSError, SyntaxError, ValueError, struct...
