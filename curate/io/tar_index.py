@@ -21,6 +21,9 @@ from curate.io.shards import open_shard, shard_basename
 from curate.io.tar_reader import (
     IMAGE_EXTS,
     EndAwareTarInfo,
+    is_unsafe_key,
+    max_member_bytes,
+    member_problem,
     parse_meta,
     sample_uid,
     split_member_name,
@@ -38,6 +41,7 @@ class Member:
     ext: str
     offset: int  # of the data, not the header
     size: int
+    problem: str | None = None  # sparse or over the member limit: never copied
 
 
 @dataclass
@@ -117,6 +121,7 @@ def _walk(
     group: _Group | None = None
     pending: list[tuple[str, Member]] = []  # (key, other member) waiting for its sample to start
     last_key: str | None = None  # key of the last regular member header (ShardReader's marker)
+    limit = max_member_bytes()
 
     def finish(g: _Group) -> None:
         count = seen.get(g.key, 0) + 1
@@ -128,6 +133,10 @@ def _walk(
             error = "truncated_shard: member data cut short"
         elif count > 1:
             error = f"duplicate_key: key {g.key!r} already appeared earlier in {shard}"
+        elif is_unsafe_key(g.key):
+            error = f"unsafe_member_name: key {g.key!r} is absolute or has a '..' component"
+        elif any(m.problem for m in g.members):
+            error = next(m.problem for m in g.members if m.problem)
         elif not g.wanted & set(IMAGE_EXTS):
             error = f"missing_image: no image member for key {g.key!r}"
         elif "txt" not in g.wanted:
@@ -163,14 +172,15 @@ def _walk(
             continue
         parsed = split_member_name(member.name)
         last_key = parsed[0] if parsed is not None else None
-        if member.offset_data + member.size > size:
+        problem = member_problem(member, limit)
+        if not member.issparse() and member.offset_data + member.size > size:
             truncated = f"{shard}: member {member.name} cut short"
             break
         if parsed is None:
             continue
         key, lower = parsed
         ext = member.name.rpartition("/")[2].partition(".")[2]
-        item = Member(ext, member.offset_data, member.size)
+        item = Member(ext, member.offset_data, member.size, problem)
         if lower not in _WANTED:
             if (
                 group is not None
@@ -193,7 +203,7 @@ def _walk(
         group.names.add(ext)
         group.wanted.add(lower)
         group.members.append(item)
-        if lower == "json" and group.meta_raw is None:
+        if lower == "json" and group.meta_raw is None and problem is None:
             fh.seek(member.offset_data)
             group.meta_raw = fh.read(member.size)
     if truncated is not None and last_key is not None and (group is None or last_key != group.key):

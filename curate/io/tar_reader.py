@@ -16,6 +16,11 @@ Failure records (``RawSample.error == "code: detail"``), in order of precedence:
   ``k.jpg k.txt k.jpg k.txt``) starts a new, duplicate sample. A duplicate's uid is derived from
   ``f"{key}#{n}"`` (n = 2, 3, ...) so that every record of a shard has a distinct uid even when
   the repeat carries the same json uid.
+- ``unsafe_member_name``: the key is an absolute path or has a ``..`` component (``../x.jpg``,
+  ``/abs/x.jpg``, ``a/../../x.jpg``); such samples are never copied anywhere.
+- ``sparse_member``, ``member_too_large``: an image/txt/json member is a sparse file (GNU or PAX;
+  its claimed size is never materialised) or larger than ``max_member_bytes()`` (64 MiB,
+  ``CURATE_MAX_MEMBER_BYTES`` overrides); its data is skipped, not read, and the shard goes on.
 - ``missing_image``, ``missing_caption``, ``caption_not_utf8``, ``empty_caption`` (empty or
   only whitespace, `is_blank_caption`). OK captions are returned exactly as decoded: not
   stripped, a BOM kept (matching and any normalisation are the consumer's business, the same
@@ -41,6 +46,7 @@ If the shard cannot be opened at all (missing, unreadable, not a tar) iteration 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -50,7 +56,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from curate.errors import ShardOpenError, failure_code
+from curate.errors import InputError, ShardOpenError, failure_code
 from curate.io.shards import open_shard, shard_basename
 from curate.io.uids import derive_uid, uid_from_meta
 
@@ -62,6 +68,9 @@ __all__ = [
     "RawSample",
     "ShardReader",
     "is_blank_caption",
+    "is_unsafe_key",
+    "max_member_bytes",
+    "member_problem",
     "parse_meta",
     "sample_uid",
     "split_member_name",
@@ -70,6 +79,9 @@ __all__ = [
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FAILURE_CODES = (
     "duplicate_key",
+    "unsafe_member_name",
+    "sparse_member",
+    "member_too_large",
     "missing_image",
     "missing_caption",
     "caption_not_utf8",
@@ -78,6 +90,37 @@ FAILURE_CODES = (
     "missing_from_tar",
 )
 _WANTED = frozenset((*IMAGE_EXTS, "txt", "json"))
+DEFAULT_MAX_MEMBER_BYTES = 64 * 1024 * 1024
+
+
+def max_member_bytes() -> int:
+    """The largest member read or copied: ``CURATE_MAX_MEMBER_BYTES`` (bytes), else 64 MiB."""
+    raw = os.environ.get("CURATE_MAX_MEMBER_BYTES")
+    if raw is None:
+        return DEFAULT_MAX_MEMBER_BYTES
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"CURATE_MAX_MEMBER_BYTES must be a positive byte count, got {raw!r}")
+    return value
+
+
+def member_problem(member: tarfile.TarInfo, limit: int) -> str | None:
+    """``"code: detail"`` when a member must not be read: sparse, or over `limit` bytes."""
+    if member.issparse():
+        return f"sparse_member: {member.name} is a sparse file claiming {member.size} bytes"
+    if member.size > limit:
+        return f"member_too_large: {member.name} has {member.size} bytes (limit {limit})"
+    return None
+
+
+def is_unsafe_key(key: str) -> bool:
+    """True for a key that would escape a folder: absolute, or with a ``..`` component."""
+    return key.startswith("/") or ".." in key.split("/")
+
+
 # Every character with str.isspace(): what str.strip() removes, spelled out for polars'
 # strip_chars (whose default, Unicode White_Space, leaves out U+001C..U+001F).
 CAPTION_WHITESPACE = (
@@ -119,9 +162,13 @@ class _Group:
     caption: bytes | None = None
     meta: bytes | None = None
     exts: set[str] = field(default_factory=set)
+    problem: str | None = None  # the first refused member (sparse, too large)
 
-    def add(self, ext: str, data: bytes) -> None:
+    def add(self, ext: str, data: bytes | str) -> None:
         self.exts.add(ext)
+        if isinstance(data, str):  # a refused member: its problem, never its data
+            self.problem = self.problem or data
+            return
         # The first member of each role wins; later ones of the same role are ignored.
         if ext in IMAGE_EXTS:
             if self.image is None:
@@ -231,13 +278,14 @@ class ShardReader:
                 f"cannot open shard {self.url}: not a readable tar ({reason})"
             ) from exc
 
-    def _members(self, tf: tarfile.TarFile) -> Iterator[tuple[str | None, str, bytes | None]]:
-        """(key, ext, data) for the wanted members.
+    def _members(self, tf: tarfile.TarFile) -> Iterator[tuple[str | None, str, bytes | str | None]]:
+        """(key, ext, data) for the wanted members; data is the problem text of a refused one.
 
         On a stream error it sets ``self.truncated`` and ends with the marker
         ``(key, "", None)``, key being that of the last member header read (None when unknown).
         """
         last_key: str | None = None
+        limit = max_member_bytes()
         while True:
             try:
                 member = tf.next()
@@ -253,6 +301,10 @@ class ShardReader:
                 parsed = split_member_name(member.name)
                 last_key = parsed[0] if parsed is not None else None
                 if parsed is None or parsed[1] not in _WANTED:
+                    continue
+                problem = member_problem(member, limit)
+                if problem is not None:
+                    yield parsed[0], parsed[1], problem
                     continue
                 fobj = tf.extractfile(member)
                 data = fobj.read() if fobj is not None else b""
@@ -283,6 +335,10 @@ class ShardReader:
             error = f"truncated_shard: sample cut short ({truncated})"
         elif count > 1:
             error = f"duplicate_key: key {key!r} already appeared earlier in {self.shard}"
+        elif is_unsafe_key(key):
+            error = f"unsafe_member_name: key {key!r} is absolute or has a '..' component"
+        elif group.problem is not None:
+            error = group.problem
         elif group.image is None:
             error = f"missing_image: no .jpg/.jpeg/.png/.webp member for key {key!r}"
         elif group.caption is None:
