@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from curate.errors import ShardOpenError
 from curate.io.images import DEFAULT_MAX_PIXELS, SampleError, decode_image
 from curate.io.tar_reader import ShardReader
+from curate.models.tokens import cap_tokenizer
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DecodeDataset", "DecodedBatch", "SampleRow", "make_loader"]
 
@@ -91,7 +92,7 @@ class DecodeDataset(IterableDataset):
         super().__init__()
         self.units = units
         self.preprocess = preprocess
-        self.tokenizer = tokenizer
+        self.tokenizer = cap_tokenizer(tokenizer)  # a huge caption costs what fits the context
         self.batch_size = batch_size
         self.max_pixels = max_pixels
 

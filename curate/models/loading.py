@@ -22,6 +22,7 @@ import torch
 from curate.errors import ModelLoadError
 from curate.io.text_files import read_file_bytes
 from curate.models.size import check_model_size
+from curate.models.tokens import cap_tokenizer
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -273,7 +274,7 @@ def load_model(
     net.eval()
     fingerprint = state_fingerprint(net)
     net = net.to(device=dev, dtype=_DTYPES[prec])
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = cap_tokenizer(open_clip.get_tokenizer(name))  # BPE only what fits the context
     return LoadedModel(
         model=net,
         preprocess=preprocess,

@@ -609,7 +609,8 @@ def _one(
     ]
     if frames_ok:
         options += [_render(plan, {}, f) for f in range(len(ADDED_FRAMES))]
-    options.sort(key=clip_token_count)
+    # shortest first; past the cap the order is the options' own (counting on costs BPE time)
+    options.sort(key=lambda c: clip_token_count(c, at_most=MAX_CLIP_TOKENS))
     for candidate in options:
         if comparable(candidate) not in seen and fits(candidate):
             return candidate

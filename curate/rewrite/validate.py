@@ -26,6 +26,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from curate.models.tokens import bound_cache, count_tokens
+
 __all__ = [
     "MAX_CLIP_TOKENS",
     "REASONS",
@@ -177,26 +179,6 @@ def _load_tokenizer() -> Any:
     return SimpleTokenizer()
 
 
-@functools.lru_cache(maxsize=1)
-def _longest_token_bytes(tokenizer: Any) -> int:
-    """Bytes in the longest vocabulary entry: no BPE token of a word covers more."""
-    return max(len(token.removesuffix("</w>")) for token in tokenizer.encoder)
-
-
-def _clean(tokenizer: Any, text: str) -> str:
-    """The text as `tokenizer.encode` cleans it before splitting it into words."""
-    clean_fn = getattr(tokenizer, "clean_fn", None)
-    if clean_fn is not None:
-        return clean_fn(text)
-    from open_clip.tokenizer import basic_clean, whitespace_clean  # open_clip before clean_fn
-
-    return whitespace_clean(basic_clean(text)).lower()
-
-
-# The tokenizer memoises the BPE of every word it has seen; bound that on long runs.
-_BPE_CACHE_LIMIT = 500_000
-
-
 def clip_token_count(text: str, *, at_most: int | None = None) -> int:
     """CLIP BPE tokens in `text`, without the start and end tokens (so 75 fit CLIP's 77).
 
@@ -204,29 +186,17 @@ def clip_token_count(text: str, *, at_most: int | None = None) -> int:
     models). Without open_clip it falls back to `approx_token_count`.
 
     With `at_most`, the count is exact when it is at most `at_most` and otherwise only some
-    number above it, found in time linear in `text`: BPE costs the square of a word's length
-    (a 120 KB word took 75 s), so counting stops once past `at_most`, and a word whose bytes
-    alone need more tokens than are left never goes through BPE.
+    number above it, found in time linear in `text` (`curate.models.tokens.count_tokens`): BPE
+    costs the square of a word's length (a 120 KB word took 75 s), so counting stops once past
+    `at_most`, and a word whose bytes alone need the tokens left never goes through BPE.
     """
     tokenizer = _clip_tokenizer()
     if tokenizer is None:
         return approx_token_count(text)
-    if len(tokenizer.cache) > _BPE_CACHE_LIMIT:
-        tokenizer.cache = {t: t for t in ("<start_of_text>", "<end_of_text>")}
     if at_most is None:
+        bound_cache(tokenizer)
         return len(tokenizer.encode(text))
-    # `tokenizer.encode`, word by word: clean, split with its pattern, BPE each word's bytes.
-    longest = _longest_token_bytes(tokenizer)
-    count = 0
-    for match in tokenizer.pat.finditer(_clean(tokenizer, text)):
-        data = match.group().encode("utf-8")
-        if count + -(-len(data) // longest) > at_most:  # each token covers <= `longest` bytes
-            return at_most + 1
-        word = "".join(tokenizer.byte_encoder[b] for b in data)
-        count += len(tokenizer.bpe(word).split(" "))
-        if count > at_most:
-            return count
-    return count
+    return count_tokens(tokenizer, text, at_most)
 
 
 _PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+", re.IGNORECASE)
