@@ -122,10 +122,21 @@ def test_empty_list_file(tmp_path: Path) -> None:
 
 
 def test_binary_non_tar_file_is_not_a_list(tmp_path: Path) -> None:
-    path = tmp_path / "shard.tar.gz"
+    path = tmp_path / "shard.gz"
     path.write_bytes(b"\x1f\x8b\x08\x00\0\0")
     with pytest.raises(InputError, match=r"not a \.tar file"):
         resolve_shards(str(path))
+
+
+def test_compressed_tar_names_are_shards(tmp_path: Path) -> None:
+    """A .tar.gz (or .tgz, .tar.bz2, .tar.xz) is a shard, alone or in a folder, not a list."""
+    names = ["a.tar.gz", "b.TGZ", "c.tar.bz2", "d.tar.xz", "e.tar"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"\x1f\x8b\x08\x00\0\0")
+    paths = [str(tmp_path / n) for n in names]
+    assert resolve_shards(paths[0]) == [paths[0]]
+    assert resolve_shards(str(tmp_path)) == sorted(paths)
+    assert shard_stems(paths) == dict(zip(paths, ["a", "b", "c", "d", "e"], strict=True))
 
 
 def test_single_tar_and_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

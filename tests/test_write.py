@@ -573,7 +573,7 @@ def test_unopenable_input_shard(fixed: Inputs, tmp_path: Path) -> None:
 
 def test_out_folder_checks(fixed: Inputs, tmp_path: Path) -> None:
     subset = _txt(tmp_path / "s.txt", fixed.uids[:10])
-    with pytest.raises(InputError, match="input shards' folder"):
+    with pytest.raises(InputError, match="folder of the input"):
         _write(fixed, subset, fixed.folder)
     out = tmp_path / "out"
     out.mkdir()

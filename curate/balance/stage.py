@@ -23,7 +23,11 @@ seed only: not on the number of tasks or workers.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
+import os
+import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -50,8 +54,9 @@ from curate.balance.sampling import (
     threshold_for_size,
     threshold_from_tail_share,
 )
-from curate.errors import InputError, RunFolderError, failure_code
-from curate.io.captions import CaptionUnit, read_unit, resolve_units
+from curate.errors import InputError, RunFolderError, ShardOpenError, failure_code
+from curate.io.captions import UNIT_SCHEMA, CaptionUnit, read_unit, resolve_units
+from curate.io.shards import check_out_apart
 from curate.io.uid_files import write_datacomp_npy
 from curate.runtime.atomic import write_atomic, write_json_atomic
 
@@ -63,6 +68,8 @@ SUBSET_NPY = "subset.npy"
 REPORT_JSON = "balance.json"
 MATCH_FORMAT = 2  # 2: captions as written (format 1 matched stripped shard captions)
 _META_KEY = b"curate.balance.match"
+_ERROR_KEY = b"curate.balance.unit_error"  # a unit that could not be read: its error, 0 rows
+_TEMPORARY = re.compile(r"^\..+\.parquet\.[0-9a-f]{8}\.tmp$")  # atomic_path's, of a killed run
 HEAD_ROWS = 10
 
 
@@ -81,8 +88,8 @@ class BalanceSpec:
     def validate(self) -> None:
         if self.t is not None and self.target_size is not None:
             raise InputError("give at most one of --t and --target-size")
-        if self.t is not None and not self.t > 0:
-            raise InputError(f"--t must be positive, got {self.t}")
+        if self.t is not None and not (self.t > 0 and math.isfinite(self.t)):
+            raise InputError(f"--t must be a positive, finite number, got {self.t}")
         if self.target_size is not None and self.target_size <= 0:
             raise InputError(f"--target-size must be positive, got {self.target_size}")
         if not 0.0 < self.tail_share < 1.0:
@@ -103,6 +110,7 @@ class MatchReport:
     samples: int
     failed: int
     seconds: float
+    shard_errors: dict[str, str] = field(default_factory=dict)  # url -> why it could not be read
 
 
 @dataclass
@@ -159,6 +167,7 @@ class BalanceReport:
     max_count_before: int
     max_count_after: int
     note: str | None = None
+    shard_errors: dict[str, str] = field(default_factory=dict)  # units that could not be read
     head: list[EntryRow] = field(default_factory=list)
     buckets: list[CountBucket] = field(default_factory=list)
     seconds: float = 0.0
@@ -193,33 +202,74 @@ def match_signature(
     }
 
 
-def _recorded_signature(path: Path) -> dict[str, Any] | None:
+def _recorded(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A match file's signature (None: missing, partial or foreign) and its unit error."""
     try:
         meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[_META_KEY])
+        signature = json.loads(meta[_META_KEY])
     except Exception:  # missing, partial or foreign file: redo the unit
-        return None
+        return None, None
+    error = meta.get(_ERROR_KEY)
+    return signature, (error.decode("utf-8", "replace") if error is not None else None)
+
+
+def _recorded_signature(path: Path) -> dict[str, Any] | None:
+    return _recorded(path)[0]
 
 
 # Worker state: the automaton, built once per process.
 _MATCHER: Matcher | None = None
 
 
-def _match_unit(unit: CaptionUnit, path: Path, signature: dict[str, Any]) -> tuple[int, int]:
-    """Match one unit's captions and write its match file; returns (rows, failed)."""
+def _match_unit(
+    unit: CaptionUnit, path: Path, signature: dict[str, Any]
+) -> tuple[int, int, str | None]:
+    """Match one unit's captions and write its match file; returns (rows, failed, error).
+
+    A unit that cannot be read at all (not a tar, gone) gets a match file of no rows recording
+    its error: the sample phase reports it, and the next match phase tries it again.
+    """
     assert _MATCHER is not None
-    frame = read_unit(unit)
+    metadata = {_META_KEY: json.dumps(signature, sort_keys=True)}
+    try:
+        frame = read_unit(unit)
+    except ShardOpenError as exc:
+        frame, error = pl.DataFrame(schema=UNIT_SCHEMA), str(exc)
+        metadata[_ERROR_KEY] = error
+    else:
+        error = None
     captions = frame["caption"].to_list()
     ids = [[] if c is None else _MATCHER.match(c) for c in captions]
     table = frame.with_columns(pl.Series("entry_ids", ids, dtype=pl.List(pl.Int32))).to_arrow()
-    table = table.replace_schema_metadata({_META_KEY: json.dumps(signature, sort_keys=True)})
+    table = table.replace_schema_metadata(metadata)
     write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    return frame.height, int(frame["error"].is_not_null().sum())
+    return frame.height, int(frame["error"].is_not_null().sum()), error
 
 
-def _init_worker(entries: list[str], mode: str, normalize: str) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Exit this worker soon after the process that started it is gone (even by SIGKILL)."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _worker_initargs(entries: list[str], mode: str, normalize: str) -> tuple[Any, ...]:
+    """`_init_worker`'s arguments, with this process as the parent its workers watch."""
+    return entries, mode, normalize, os.getpid()
+
+
+def _init_worker(entries: list[str], mode: str, normalize: str, parent: int) -> None:
     global _MATCHER
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     _MATCHER = Matcher(entries, mode, normalize=normalize)
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """Delete the temporary match files a killed run left behind (never a finished one)."""
+    for path in folder.iterdir():
+        if _TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def match_units(
@@ -240,47 +290,61 @@ def match_units(
         raise InputError(f"--task-index must be in [0, {num_tasks}), got {task_index}")
     start = time.perf_counter()
     normalize = Normalization(normalize)
+    check_out_apart(out, [u.url for u in units])
     mine = list(units)[task_index::num_tasks]
     folder = out / MATCHES_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    if num_tasks == 1:  # with several tasks a neighbour's temporary file may be in use
+        _remove_temporaries(folder)
     todo: list[tuple[CaptionUnit, Path, dict[str, Any]]] = []
     for unit in mine:
         path = folder / f"{unit.name}.parquet"
         signature = match_signature(unit, metadata, mode, normalize)
-        if path.is_file() and _recorded_signature(path) == signature:
-            continue
+        if path.is_file() and _recorded(path) == (signature, None):
+            continue  # done; a unit that could not be read is tried again
         todo.append((unit, path, signature))
-    rows = failed = 0
+    report = MatchReport(
+        units=len(mine), matched_now=len(todo), skipped=len(mine) - len(todo), samples=0,
+        failed=0, seconds=0.0,
+    )  # fmt: skip
+
+    def done(unit: CaptionUnit, result: tuple[int, int, str | None]) -> None:
+        n, bad, error = result
+        report.samples += n
+        report.failed += bad
+        if error is not None:
+            report.shard_errors[unit.url] = error
+        if on_unit:
+            on_unit(n)
+
     if todo:
         if workers <= 1 or len(todo) == 1:
             _MATCHER = Matcher(metadata.entries, mode, normalize=normalize)  # workers: their own
-            for unit, path, signature in todo:
-                n, bad = _match_unit(unit, path, signature)
-                rows, failed = rows + n, failed + bad
-                if on_unit:
-                    on_unit(n)
+            for item in todo:
+                done(item[0], _match_unit(*item))
         else:
             # spawn, not fork: polars' thread pool does not survive a fork.
             with ProcessPoolExecutor(
                 max_workers=min(workers, len(todo)),
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(metadata.entries, mode.value, normalize.value),
+                initargs=_worker_initargs(metadata.entries, mode.value, normalize.value),
             ) as pool:
-                futures = [pool.submit(_match_unit, *item) for item in todo]
-                for future in futures:
-                    n, bad = future.result()
-                    rows, failed = rows + n, failed + bad
-                    if on_unit:
-                        on_unit(n)
-    return MatchReport(
-        units=len(mine),
-        matched_now=len(todo),
-        skipped=len(mine) - len(todo),
-        samples=rows,
-        failed=failed,
-        seconds=time.perf_counter() - start,
-    )
+                futures = [(item[0], pool.submit(_match_unit, *item)) for item in todo]
+                for unit, future in futures:
+                    done(unit, future.result())
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def unit_errors(units: Sequence[CaptionUnit], out: Path) -> dict[str, str]:
+    """The units whose match file records that they could not be read: url -> error."""
+    errors = {}
+    for unit in units:
+        error = _recorded(out / MATCHES_DIR / f"{unit.name}.parquet")[1]
+        if error is not None:
+            errors[unit.url] = error
+    return errors
 
 
 def load_matches(
@@ -342,6 +406,16 @@ def matches_csr(lists: pl.Series, ok: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return offsets, entry_ids
 
 
+def raise_empty(source: str, shard_errors: dict[str, str]) -> None:
+    """Refuse a pool without rows, naming the unreadable units when that is why."""
+    if shard_errors:
+        url, error = next(iter(shard_errors.items()))
+        raise ShardOpenError(
+            f"{source}: no unit could be read ({len(shard_errors)} failed; {url}: {error})"
+        )
+    raise InputError(f"{source}: the source holds no samples")
+
+
 def sample_pool(
     units: Sequence[CaptionUnit],
     metadata: Metadata,
@@ -355,11 +429,13 @@ def sample_pool(
     """The sample phase: counts, t, keep probabilities, draws and every output file."""
     start = time.perf_counter()
     spec.validate()
+    check_out_apart(out, [u.url for u in units])
     normalize = Normalization(normalize)
     frame = load_matches(units, metadata, out, mode, normalize=normalize)
+    shard_errors = unit_errors(units, out)
     n = frame.height
     if n == 0:
-        raise InputError(f"{source}: the source holds no samples")
+        raise_empty(source, shard_errors)
 
     uid, errors = pool_errors(frame)
     ok = errors.is_null().to_numpy()
@@ -446,6 +522,7 @@ def sample_pool(
         note=choice.note,
         head=_head_rows(metadata.entries, counts, after, t),
         buckets=_buckets(counts, after),
+        shard_errors=shard_errors,
     )
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / ENTRY_COUNTS_TABLE, lambda tmp: entry_table.write_parquet(tmp))

@@ -12,7 +12,7 @@ import typer
 from curate.balance.matching import MatchMode, Normalization
 from curate.balance.sampling import DEFAULT_TAIL_SHARE, TailRule
 from curate.cli import options as opt
-from curate.cli.report import balance_summary, match_summary, print_json
+from curate.cli.report import balance_summary, match_summary, print_json, warn_shard_problems
 from curate.errors import InputError
 
 
@@ -192,16 +192,22 @@ def balance_command(
                 on_unit=advance,
             )
         if phase is Phase.match:
+            warn_shard_problems(matched.shard_errors, {})
             if as_json:
                 print_json(vars(matched))
             else:
                 match_summary(matched, out)
+            if matched.shard_errors:
+                raise typer.Exit(1)
             return
     with scoring_status("counting entries and sampling", enabled=not no_progress):
         report = sample_pool(
             units, meta, out, spec, mode=match, normalize=normalize, source=" ".join(sources)
         )
+    warn_shard_problems(report.shard_errors, {})
     if as_json:
         print_json(report.to_json())
     else:
         balance_summary(report)
+    if report.shard_errors:
+        raise typer.Exit(1)

@@ -10,7 +10,7 @@ import typer
 
 from curate.balance.matching import MatchMode
 from curate.cli import options as opt
-from curate.cli.report import audit_summary, print_json, rebalance_summary
+from curate.cli.report import audit_summary, print_json, rebalance_summary, warn_shard_problems
 
 BUILTIN_CONCEPTS = ("occupations",)
 
@@ -268,10 +268,13 @@ def audit_command(
             on_unit=advance,
             on_step=bar.set_description,
         )
+    warn_shard_problems(report.shard_errors, {})
     if as_json:
         print_json(report.to_json())
     else:
         audit_summary(report)
+    if report.shard_errors:
+        raise typer.Exit(1)
 
 
 def rebalance_command(

@@ -207,6 +207,8 @@ def balance_summary(report: BalanceReport) -> None:
     head.add_row("failed", str(report.failed))
     for code, n in report.failures.items():
         head.add_row(f"  {code}", str(n))
+    if report.shard_errors:
+        head.add_row("units not read", f"{len(report.shard_errors)} (named above)")
     head.add_row(
         "texts matching an entry", f"{report.matched} ({report.matched_fraction:.1%} of the pool)"
     )

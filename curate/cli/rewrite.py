@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from curate.cli import options as opt
-from curate.cli.report import print_json, rewrite_summary
+from curate.cli.report import print_json, rewrite_summary, warn_shard_problems
 from curate.errors import InputError
 
 
@@ -232,7 +232,10 @@ def rewrite_command(
             on_unit=on_unit,
             on_units=on_units,
         )
+    warn_shard_problems(report.shard_errors, {})
     if as_json:
         print_json(report.to_json())
     else:
         rewrite_summary(report)
+    if report.shard_errors:
+        raise typer.Exit(1)

@@ -36,7 +36,14 @@ import pyarrow as pa
 
 from curate.balance.matching import MatchMode
 from curate.balance.metadata import Metadata
-from curate.balance.stage import load_matches, match_units, matches_csr, pool_errors
+from curate.balance.stage import (
+    load_matches,
+    match_units,
+    matches_csr,
+    pool_errors,
+    raise_empty,
+    unit_errors,
+)
 from curate.errors import InputError, failure_code
 from curate.fairness.lexicon import MIXED, caption_labels, caption_mentions_person
 from curate.fairness.metrics import (
@@ -154,6 +161,7 @@ class AuditReport:
     retrieval: bool  # retrieval.parquet was written
     attributes: list[AttributeSummary]
     seconds: float = 0.0
+    shard_errors: dict[str, str] = field(default_factory=dict)  # units that could not be read
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -311,8 +319,9 @@ def audit(
     frame = load_matches(
         units, concepts, out, mode, columns=("uid", "shard", "key", "caption", "error", "entry_ids")
     )
+    shard_errors = unit_errors(units, out)
     if frame.height == 0:
-        raise InputError(f"{' '.join(map(str, specs))}: the source holds no samples")
+        raise_empty(" ".join(map(str, specs)), shard_errors)
     uid, errors = pool_errors(frame)
     ok = errors.is_null().to_numpy()
     indptr, indices = matches_csr(frame["entry_ids"], ok)
@@ -436,6 +445,7 @@ def audit(
         person_gated=gated,
         retrieval=bool(retrieval_frames),
         attributes=summaries,
+        shard_errors=shard_errors,
     )
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / LABELS_TABLE, lambda tmp: table.write_parquet(tmp))

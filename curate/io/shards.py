@@ -1,7 +1,8 @@
 """Shard specs: turn what a user typed into an ordered list of shard URLs/paths, and open them.
 
 A spec is one of
-- a local directory: every ``*.tar`` directly inside it, sorted by name;
+- a local directory: every ``*.tar`` directly inside it, sorted by name (compressed tars,
+  ``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz``, count as tars everywhere);
 - a glob: ``shards/*.tar`` (local or remote);
 - a brace pattern: ``shards/{00000..00127}.tar`` (expanded with ``braceexpand``; may combine
   with globs);
@@ -33,7 +34,14 @@ from fsspec.core import url_to_fs
 
 from curate.errors import InputError, ShardOpenError
 
-__all__ = ["open_shard", "resolve_shards", "shard_basename", "shard_stems"]
+__all__ = [
+    "TAR_SUFFIXES",
+    "check_out_apart",
+    "open_shard",
+    "resolve_shards",
+    "shard_basename",
+    "shard_stems",
+]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # A brace group braceexpand would expand: a comma list or a numeric/alpha range.
@@ -51,8 +59,17 @@ def _is_http(spec: str) -> bool:
     return spec.lower().startswith(("http://", "https://"))
 
 
+# A shard's name: a tar, or one compressed as a whole (tarfile's r|* reads them all).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def _tar_suffix(name: str) -> str | None:
+    lower = name.lower()
+    return next((s for s in TAR_SUFFIXES if lower.endswith(s)), None)
+
+
 def _is_tar_name(path: str) -> bool:
-    return path.lower().endswith(".tar")
+    return _tar_suffix(path) is not None
 
 
 def shard_basename(url: str) -> str:
@@ -278,7 +295,8 @@ def _split_path(url: str) -> list[str]:
 
 
 def _strip_tar(name: str) -> str:
-    return name[:-4] if _is_tar_name(name) else name
+    suffix = _tar_suffix(name)
+    return name[: -len(suffix)] if suffix else name
 
 
 def _safe(name: str) -> str:
@@ -352,3 +370,28 @@ def source_signature(url: str) -> dict[str, str] | None:
         return None
     signature = {k: str(info[k]) for k in _SIGNATURE_FIELDS if info.get(k) is not None}
     return signature or None
+
+
+def check_out_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse an output folder that is an input or the folder holding an input file: a folder or
+    glob given as input would read the stage's own outputs back on the next run. `inputs`: the
+    resolved input files (globs are expanded); remote ones are never local. A subfolder of the
+    inputs' folder is fine: no stage reads subfolders."""
+    if _is_url(os.fspath(out)):
+        return
+    target = os.path.realpath(os.path.expanduser(os.fspath(out)))
+    for given in inputs:
+        spec = os.fspath(given)
+        if _is_url(spec):
+            continue
+        spec = os.path.expanduser(spec)
+        paths = globlib.glob(spec) if _GLOB_CHARS.search(spec) else [spec]
+        for path in paths:
+            real = os.path.realpath(path)
+            if target == real:
+                raise InputError(f"--out {out} is the input {given}; pick a new folder")
+            if os.path.isfile(real) and os.path.dirname(real) == target:
+                raise InputError(
+                    f"--out {out} is the folder of the input {path}: a rerun could read its own "
+                    "outputs as input; pick a new folder"
+                )

@@ -7,13 +7,26 @@ them (adjacent image/txt/json members sharing a key; a repeated image/txt/json e
 new, duplicate sample; other members neither start nor end a sample) and get the same uid and
 the same structural failure (truncated, duplicate, no image, no caption), so a uid from a scores
 table finds its bytes here. Members whose key starts with ``__`` are not samples and are skipped;
-every other member of a sample is indexed, whatever its extension, so copies carry all of them."""
+every other member of a sample is indexed, whatever its extension, so copies carry all of them.
+
+Compressed shards (gzip, bzip2, xz, sniffed from the first bytes as ``tarfile``'s ``r|*`` does,
+whatever the name) cannot be seeked into: with a ``scratch`` folder they are decompressed once,
+streaming, into a file there, and indexed from it (``ShardIndex.data_path``); uids still come
+from the original shard name. A decompression error keeps the bytes before it: the shard is
+``truncated`` and the sample it cut fails, as in ``ShardReader``."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
+import lzma
+import os
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from curate.errors import ShardOpenError
@@ -32,6 +45,7 @@ from curate.io.tar_reader import (
 __all__ = ["IndexedSample", "Member", "ShardIndex", "index_shard"]
 
 _WANTED = frozenset((*IMAGE_EXTS, "txt", "json"))  # the members ShardReader groups by
+_CHUNK = 1 << 20  # most decompressed bytes read at once from a compressed shard
 
 
 @dataclass(frozen=True)
@@ -66,24 +80,98 @@ class ShardIndex:
     url: str
     shard: str
     samples: list[IndexedSample]
-    size: int
+    size: int  # of the tar the offsets point into (decompressed, for a compressed shard)
     truncated: str | None = None
     count: int = 0  # every sample of the shard, wanted or not
+    data_path: str | None = None  # decompressed copy of a compressed shard; None: read `url`
 
 
-def index_shard(url: str, wanted: Callable[[str], bool] | None = None) -> ShardIndex:
-    """Index `url`; samples whose uid fails `wanted` are kept without their member list."""
+_Opener = Callable[[BinaryIO], io.BufferedIOBase]
+
+
+def _decompressor(head: bytes) -> _Opener | None:
+    """The decompressing reader for a shard starting with `head`, None for a plain tar: the
+    signatures ``tarfile``'s ``r|*`` knows (a name is no guide: gzip data is often named .tar)."""
+    if head.startswith(b"\x1f\x8b\x08"):
+        return lambda fh: gzip.GzipFile(fileobj=fh, mode="rb")
+    if head[:3] == b"BZh" and head[4:10] == b"1AY&SY":
+        return bz2.BZ2File
+    if head.startswith((b"\xfd7zXZ\x00", b"\x5d\x00\x00\x80")):
+        return lzma.LZMAFile
+    return None
+
+
+def index_shard(
+    url: str, wanted: Callable[[str], bool] | None = None, *, scratch: Path | None = None
+) -> ShardIndex:
+    """Index `url`; samples whose uid fails `wanted` are kept without their member list.
+
+    A compressed shard is decompressed into a new file in `scratch` (module doc), deleted again
+    when no sample is wanted; without `scratch` it raises ``ShardOpenError``.
+    """
     shard = shard_basename(url)
-    fh = open_shard(url)
+    with open_shard(url) as fh:
+        head = fh.read(10)
+        fh.seek(0)
+        opener = _decompressor(head)
+        if opener is None:
+            return _index_tar(fh, url, shard, wanted)
+        if scratch is None:
+            raise ShardOpenError(f"cannot open shard {url}: compressed, and no scratch folder")
+        copy, broken = _decompress(opener, fh, Path(scratch), shard)
+    keep = False
     try:
-        size = _size_of(fh)
-        try:
-            tf = tarfile.open(fileobj=fh, mode="r:", tarinfo=EndAwareTarInfo)  # noqa: SIM115
-        except Exception as exc:
-            raise ShardOpenError(f"cannot open shard {url}: not a readable tar ({exc})") from exc
-        return _walk(tf, fh, url, shard, size, wanted)
+        with open(copy, "rb") as data:
+            try:
+                index = _index_tar(data, url, shard, wanted)
+            except ShardOpenError as exc:
+                if broken is None:
+                    raise
+                raise ShardOpenError(f"cannot open shard {url}: {broken}") from exc
+        if broken is not None:  # the root cause, wherever the tar walk noticed the cut
+            index.truncated = f"{shard}: {broken}"
+        keep = wanted is None or bool(index.samples)
+        index.data_path = str(copy) if keep else None
+        return index
     finally:
-        fh.close()
+        if not keep:
+            copy.unlink(missing_ok=True)
+
+
+def _decompress(
+    opener: _Opener, fh: BinaryIO, scratch: Path, shard: str
+) -> tuple[Path, str | None]:
+    """Stream the decompressed shard into a new scratch file: its path, and the error when
+    decompression broke off (the bytes before it are kept)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{shard}.", suffix=".tar", dir=scratch)
+    broken: str | None = None
+    try:
+        with os.fdopen(fd, "wb") as out, opener(fh) as stream:
+            while True:
+                try:  # read1: one decompression step, so an error loses little output
+                    chunk = stream.read1(_CHUNK)
+                except Exception as exc:  # EOFError, zlib/bz2/lzma errors, I/O errors
+                    broken = f"{type(exc).__name__}: {exc}"
+                    break
+                if not chunk:
+                    break
+                out.write(chunk)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name), broken
+
+
+def _index_tar(
+    fh: BinaryIO, url: str, shard: str, wanted: Callable[[str], bool] | None
+) -> ShardIndex:
+    size = _size_of(fh)
+    try:
+        tf = tarfile.open(fileobj=fh, mode="r:", tarinfo=EndAwareTarInfo)  # noqa: SIM115
+    except Exception as exc:
+        raise ShardOpenError(f"cannot open shard {url}: not a readable tar ({exc})") from exc
+    return _walk(tf, fh, url, shard, size, wanted)
 
 
 def _size_of(fh: BinaryIO) -> int:

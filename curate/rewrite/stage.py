@@ -25,7 +25,9 @@ from typing import Any
 
 import polars as pl
 
+from curate.errors import ShardOpenError
 from curate.io.captions import CaptionUnit, read_unit, resolve_units
+from curate.io.shards import check_out_apart
 from curate.rewrite.backends import Backend, SamplingParams
 from curate.rewrite.cache import CachedResult, RequestCache, request_key
 from curate.rewrite.checks import require_range
@@ -73,6 +75,7 @@ class RewriteReport:
     rewrites: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    shard_errors: dict[str, str] = field(default_factory=dict)  # units that could not be read
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,7 +163,13 @@ async def _rewrite_units(
     seen: set[str] = set()  # lowercased uids of the units so far, for duplicate_uid
     try:
         for unit in units:
-            frame = _mark_duplicates(read_unit(unit), seen)
+            try:
+                frame = _mark_duplicates(read_unit(unit), seen)
+            except ShardOpenError as exc:  # the others go on; the command names it, exits 1
+                report.shard_errors[unit.url] = str(exc)
+                if on_unit:
+                    on_unit(0)
+                continue
             keys: list[list[str]] = []
             jobs: list[Job] = []
             for uid, caption, error in frame.select("uid", "caption", "error").iter_rows():
@@ -225,6 +234,7 @@ def rewrite_source(
     """Rewrite every usable caption of `source`; resumable through OUT/cache.sqlite."""
     start = time.perf_counter()
     units = resolve_units(source, caption_column)
+    check_out_apart(out, [u.url for u in units])
     if on_units:
         on_units(len(units), len(units) * options.num_rewrites)
     label = source if isinstance(source, str) else " ".join(source)

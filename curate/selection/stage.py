@@ -30,6 +30,7 @@ import polars as pl
 
 from curate.embedding.store import RunFolder
 from curate.errors import InputError, RunFolderError, failure_code
+from curate.io.shards import check_out_apart
 from curate.io.uid_files import read_uid_file, write_datacomp_npy
 from curate.io.uids import is_uid
 from curate.runtime.atomic import write_atomic, write_json_atomic
@@ -106,8 +107,12 @@ class SelectReport:
         return data
 
 
-def load_pool_table(source: Path | str) -> tuple[pl.DataFrame, RunFolder | None]:
-    """The pool: RUN/scores.parquet for a run folder, else a parquet file, folder or glob."""
+def load_pool_table(
+    source: Path | str, *, out: Path | None = None
+) -> tuple[pl.DataFrame, RunFolder | None]:
+    """The pool: RUN/scores.parquet for a run folder, else a parquet file, folder or glob.
+
+    With `out`, refuses an output folder that holds a pool file (a rerun would read it back)."""
     path = Path(source)
     if path.is_dir() and RunFolder.is_run(path):
         table = path / "scores.parquet"
@@ -115,6 +120,8 @@ def load_pool_table(source: Path | str) -> tuple[pl.DataFrame, RunFolder | None]
             raise RunFolderError(
                 f"run {path} has no scores.parquet yet; run `curate score {path}` first"
             )
+        if out is not None:
+            check_out_apart(out, [table])
         return _read_parquets([table]), RunFolder(path)
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
@@ -127,6 +134,8 @@ def load_pool_table(source: Path | str) -> tuple[pl.DataFrame, RunFolder | None]
             f"{source}: no pool table found (give a run folder with scores.parquet, a parquet "
             "file, or a folder or glob of parquet files)"
         )
+    if out is not None:
+        check_out_apart(out, files)
     return _read_parquets(files), None
 
 
@@ -175,7 +184,7 @@ def select_pool(
 ) -> SelectReport:
     """Run `spec` over the pool at `source` and write the subset files into `out`."""
     start = time.perf_counter()
-    frame, run = load_pool_table(source)
+    frame, run = load_pool_table(source, out=out)
     frame = derived_columns(frame)
     report = SelectReport(out=Path(out), source=str(source), rows=frame.height)
     report.spec = spec.to_json()

@@ -5,11 +5,14 @@
 2. Index every input shard's headers (`curate.io.tar_index`); each subset uid is matched to its
    first copyable sample. Uids found nowhere are `missing` (listed in OUT/missing_uids.txt); uids
    whose sample cannot be copied (truncated, no image, no caption) are `failed` with that reason.
+   A compressed shard is decompressed once into OUT/.scratch to be indexed; the copy is kept,
+   and read from, only if it holds a chosen sample, and the folder goes at the end of the run.
 3. Plan the output (`curate.writing.plan`) and fingerprint each output shard.
-4. Write each shard not already complete: members copied byte for byte from the inputs with
-   deterministic headers, plus an img2dataset-style sidecar `NNNNN.parquet` and
-   `NNNNN_stats.json`. The tar is renamed into place last, so a visible tar is always whole and
-   its stats record says which plan produced it; a rerun skips shards whose record matches.
+4. Write each shard not already complete: members copied byte for byte from the inputs (a
+   bounded number of them open at once, `_open_limit`) with deterministic headers, plus an
+   img2dataset-style sidecar `NNNNN.parquet` and `NNNNN_stats.json`. The tar is renamed into
+   place last, so a visible tar is always whole and its stats record says which plan produced
+   it; a rerun skips shards whose record matches.
 5. `manifest.json` (shards, counts, accounting, settings) and `sizes.json` (open_clip's
    per-shard sample counts) close the run.
 
@@ -22,10 +25,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -35,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import InputError, ShardOpenError, failure_code
-from curate.io.shards import open_shard, resolve_shards, source_signature
+from curate.io.shards import check_out_apart, open_shard, resolve_shards, source_signature
 from curate.io.sidecar import IMG2DATASET_SIDECAR_SCHEMA
 from curate.io.tar_index import ShardIndex, index_shard
 from curate.io.tar_reader import parse_meta
@@ -50,6 +55,9 @@ REWRITES_MEMBER = "rewrites.json"
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
 MISSING = "missing_uids.txt"
+SCRATCH = ".scratch"  # decompressed copies of compressed input shards, while the run lasts
+MAX_OPEN_INPUTS = 64  # input shards one writer thread keeps open at most
+MAX_OPEN_TOTAL = 256  # ... and all writer threads together
 _OUTPUT_NAME = re.compile(r"^(\d{5})(\.tar|\.parquet|_stats\.json)$")
 
 # img2dataset's columns (key, url, caption, sizes, ...) plus where each row came from.
@@ -171,75 +179,79 @@ def write_subset(
     urls = resolve_shards(shards)
     report.input_shards = len(urls)
     _check_out_folder(out, urls, options.overwrite)
-    # Uids with zero copies are not looked for: they count once, as zero_copies.
-    wanted = {uid: n for uid, n in copies.items() if n > 0}
-    indexes = _index_all(urls, set(wanted), options.workers, report)
-    sources, failed = _match(indexes, wanted, report)
-    missing = sorted(set(wanted) - {s.sample.uid for s in sources} - failed)
-    report.missing_uids = len(missing)
-    writable = sources
-    if not writable:
-        raise InputError(
-            f"none of the {report.subset_uids} subset uids can be written: "
-            f"{report.missing_uids} not in the shards, {sum(report.failed_uids.values())} "
-            f"failed, {report.zero_copies} with zero copies"
+    with _scratch_folder(out) as scratch:
+        # Uids with zero copies are not looked for: they count once, as zero_copies.
+        wanted = {uid: n for uid, n in copies.items() if n > 0}
+        indexes = _index_all(urls, set(wanted), options.workers, report, scratch)
+        sources, failed = _match(indexes, wanted, report)
+        paths = _data_paths(urls, indexes, sources)
+        missing = sorted(set(wanted) - {s.sample.uid for s in sources} - failed)
+        report.missing_uids = len(missing)
+        writable = sources
+        if not writable:
+            raise InputError(
+                f"none of the {report.subset_uids} subset uids can be written: "
+                f"{report.missing_uids} not in the shards, {sum(report.failed_uids.values())} "
+                f"failed, {report.zero_copies} with zero copies"
+            )
+        order = order_copies(writable, shuffle=options.shuffle, seed=options.seed)
+        plan = cut_shards(
+            writable,
+            order,
+            max_samples=options.max_samples,
+            max_bytes=options.max_bytes,
+            extras=extras,
         )
-    order = order_copies(writable, shuffle=options.shuffle, seed=options.seed)
-    plan = cut_shards(
-        writable,
-        order,
-        max_samples=options.max_samples,
-        max_bytes=options.max_bytes,
-        extras=extras,
-    )
-    report.shards = len(plan)
-    report.written_uids = len(writable)
-    report.written_samples = len(order)
-    report.max_copies_in_one_shard = max(
-        max(Counter(e.source.sample.uid for e in entries).values()) for entries in plan
-    )
+        report.shards = len(plan)
+        report.written_uids = len(writable)
+        report.written_samples = len(order)
+        report.max_copies_in_one_shard = max(
+            max(Counter(e.source.sample.uid for e in entries).values()) for entries in plan
+        )
 
-    signatures = {url: source_signature(url) for url in urls}
-    settings = json.dumps(
-        {"signatures": signatures, "with_columns": options.with_columns}, sort_keys=True
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out, len(plan))
-    _remove_temporaries(out)
-    if missing:
-        write_atomic(out / MISSING, lambda tmp: tmp.write_text("\n".join(missing) + "\n"))
-    elif (out / MISSING).exists():
-        (out / MISSING).unlink()
+        signatures = {url: source_signature(url) for url in urls}
+        settings = json.dumps(
+            {"signatures": signatures, "with_columns": options.with_columns}, sort_keys=True
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out, len(plan))
+        _remove_temporaries(out)
+        if missing:
+            write_atomic(out / MISSING, lambda tmp: tmp.write_text("\n".join(missing) + "\n"))
+        elif (out / MISSING).exists():
+            (out / MISSING).unlink()
 
-    records: list[dict[str, Any] | None] = [None] * len(plan)
-    todo: list[tuple[int, list[Entry], str]] = []
-    for i, entries in enumerate(plan):
-        fingerprint = shard_fingerprint(entries, urls, settings, extras)
-        existing = _complete_record(out, i, fingerprint)
-        if existing is not None:
-            records[i] = existing
-            report.shards_skipped += 1
-        else:
-            todo.append((i, entries, fingerprint))
-    if todo:  # the old manifest and sizes no longer describe the tars from here on
-        for name in (MANIFEST, SIZES):
-            (out / name).unlink(missing_ok=True)
-    done_samples = sum(len(plan[i]) for i, r in enumerate(records) if r is not None)
-    done_shards = report.shards_skipped
-    if progress:
-        progress(done_shards, len(plan), done_samples)
-    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-        futures = [
-            (i, pool.submit(_write_shard, out, i, entries, urls, fp, extras))
-            for i, entries, fp in todo
-        ]
-        for i, future in futures:
-            records[i] = future.result()
-            report.shards_written += 1
-            done_shards += 1
-            done_samples += len(plan[i])
-            if progress:
-                progress(done_shards, len(plan), done_samples)
+        records: list[dict[str, Any] | None] = [None] * len(plan)
+        todo: list[tuple[int, list[Entry], str]] = []
+        for i, entries in enumerate(plan):
+            fingerprint = shard_fingerprint(entries, urls, settings, extras)
+            existing = _complete_record(out, i, fingerprint)
+            if existing is not None:
+                records[i] = existing
+                report.shards_skipped += 1
+            else:
+                todo.append((i, entries, fingerprint))
+        if todo:  # the old manifest and sizes no longer describe the tars from here on
+            for name in (MANIFEST, SIZES):
+                (out / name).unlink(missing_ok=True)
+        done_samples = sum(len(plan[i]) for i, r in enumerate(records) if r is not None)
+        done_shards = report.shards_skipped
+        if progress:
+            progress(done_shards, len(plan), done_samples)
+        limit = _open_limit(options.workers)
+        with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
+            futures = []
+            for i, entries, fp in todo:
+                inputs = _Inputs(urls, paths, limit)  # opens nothing until the thread reads
+                job = pool.submit(_write_shard, out, i, entries, urls, fp, extras, inputs)
+                futures.append((i, job))
+            for i, future in futures:
+                records[i] = future.result()
+                report.shards_written += 1
+                done_shards += 1
+                done_samples += len(plan[i])
+                if progress:
+                    progress(done_shards, len(plan), done_samples)
     report.bytes = sum(int(r["curate"]["bytes"]) for r in records if r)
     _write_manifest(out, plan, records, report)
     report.seconds = time.perf_counter() - start
@@ -337,10 +349,7 @@ def _extra_members(uid_list: UidList, columns: Sequence[str]) -> dict[str, list[
 
 def _check_out_folder(out: Path, urls: Sequence[str], overwrite: bool) -> None:
     """Refuse to write over the inputs, or over tars this stage did not write."""
-    resolved = out.resolve()
-    for url in urls:
-        if "://" not in url and Path(url).resolve().parent == resolved:
-            raise InputError(f"--out {out} is the input shards' folder; pick a new folder")
+    check_out_apart(out, urls)
     if not out.is_dir():
         return
     foreign = [
@@ -360,11 +369,11 @@ def _check_out_folder(out: Path, urls: Sequence[str], overwrite: bool) -> None:
 
 
 def _index_all(
-    urls: Sequence[str], wanted: set[str], workers: int, report: WriteReport
+    urls: Sequence[str], wanted: set[str], workers: int, report: WriteReport, scratch: Path
 ) -> list[ShardIndex | None]:
     def one(url: str) -> ShardIndex | None:
         try:
-            return index_shard(url, wanted.__contains__)
+            return index_shard(url, wanted.__contains__, scratch=scratch)
         except ShardOpenError as exc:
             report.shard_errors[url] = str(exc)
             return None
@@ -375,6 +384,40 @@ def _index_all(
         if index is not None and index.truncated:
             report.truncated[index.url] = index.truncated
     return indexes
+
+
+@contextmanager
+def _scratch_folder(out: Path) -> Iterator[Path]:
+    """OUT/.scratch, for decompressed copies of compressed shards: a killed run's leftovers go
+    first, and the folder goes at the end, also on error (with OUT, if this run made it and it
+    holds nothing else)."""
+    scratch = out / SCRATCH
+    made_out = not out.exists()
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if made_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def _data_paths(
+    urls: Sequence[str], indexes: Sequence[ShardIndex | None], sources: Sequence[Source]
+) -> list[str]:
+    """Where each input shard's member bytes are read from: the shard itself, or its
+    decompressed scratch copy; copies no chosen sample needs are deleted here."""
+    used = {s.shard for s in sources}
+    paths = list(urls)
+    for i, index in enumerate(indexes):
+        if index is None or index.data_path is None:
+            continue
+        if i in used:
+            paths[i] = index.data_path
+        else:
+            Path(index.data_path).unlink(missing_ok=True)
+            index.data_path = None
+    return paths
 
 
 def _match(
@@ -448,17 +491,40 @@ def _remove_stale(out: Path, count: int) -> None:
             p.unlink()
 
 
-class _Inputs:
-    """Open input shards for one output shard, closed together at the end."""
+def _open_limit(workers: int) -> int:
+    """Input files one writer thread may keep open: MAX_OPEN_INPUTS, and all threads together
+    at most MAX_OPEN_TOTAL or a quarter of the soft open-file limit (never fewer than one)."""
+    total = MAX_OPEN_TOTAL
+    try:
+        import resource
+    except ImportError:  # no rlimits (Windows)
+        pass
+    else:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            total = min(total, soft // 4)
+    return max(1, min(MAX_OPEN_INPUTS, total // max(1, workers)))
 
-    def __init__(self, urls: Sequence[str]) -> None:
+
+class _Inputs:
+    """The input shards one output shard reads from: at most `limit` files open at once (the
+    least recently read is closed first), all closed at the end. `paths[i]` is where shard
+    `urls[i]`'s bytes are (its decompressed copy, for a compressed shard)."""
+
+    def __init__(self, urls: Sequence[str], paths: Sequence[str], limit: int) -> None:
         self._urls = urls
-        self._open: dict[int, BinaryIO] = {}
+        self._paths = paths
+        self._limit = max(1, limit)
+        self._open: OrderedDict[int, BinaryIO] = OrderedDict()
 
     def read(self, shard: int, offset: int, size: int) -> bytes:
         fh = self._open.get(shard)
-        if fh is None:
-            fh = self._open[shard] = open_shard(self._urls[shard])
+        if fh is not None:
+            self._open.move_to_end(shard)
+        else:
+            if len(self._open) >= self._limit:
+                self._open.popitem(last=False)[1].close()
+            fh = self._open[shard] = open_shard(self._paths[shard])
         fh.seek(offset)
         data = fh.read(size)
         if len(data) != size:
@@ -480,13 +546,13 @@ def _write_shard(
     urls: Sequence[str],
     fingerprint: str,
     extras: dict[str, list[tuple[str, bytes]]],
+    inputs: _Inputs,
 ) -> dict[str, Any]:
     name = f"{index:05d}"
     rows: list[dict[str, Any]] = []
     # An old tar goes first: the new stats record is written before the new tar is renamed into
     # place, and must never end up beside an old tar (a same-size old tar would pass as done).
     (out / f"{name}.tar").unlink(missing_ok=True)
-    inputs = _Inputs(urls)
     try:
         with atomic_path(out / f"{name}.tar") as tmp:
             with open(tmp, "wb") as fh, DeterministicTarWriter(fh) as writer:
