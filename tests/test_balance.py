@@ -37,6 +37,7 @@ from curate.balance.stage import (
 from curate.errors import InputError, RunFolderError
 from curate.io.captions import read_unit, resolve_units
 from curate.io.uid_files import read_uid_file
+from curate.runtime.executors import ProcessExecutor, TaskSlice
 
 CONCEPTS = [f"concept{i}" for i in range(40)]
 OUTPUTS = (ENTRY_COUNTS_TABLE, DECISIONS_TABLE, SUBSET_TABLE, SUBSET_NPY)
@@ -97,7 +98,7 @@ def test_balance_matches_counts_and_probabilities_follow_the_oracle(
     captions = make_pool(tmp_path / "shards")
     meta = load_metadata(metadata_file)
     out = tmp_path / "out"
-    _, report = balance(str(tmp_path / "shards"), meta, out, BalanceSpec(t=5.0, seed=3))
+    report = balance(str(tmp_path / "shards"), meta, out, BalanceSpec(t=5.0, seed=3)).sample
 
     matches = [oracle_matches(c, meta.entries) for c in captions]
     counts: dict[int, int] = {}
@@ -138,9 +139,9 @@ def test_head_entries_are_capped_near_t_and_the_tail_kept(
 ) -> None:
     make_pool(tmp_path / "shards", shards=2, per_shard=300, seed=1)
     out = tmp_path / "out"
-    _, report = balance(
+    report = balance(
         str(tmp_path / "shards"), load_metadata(metadata_file), out, BalanceSpec(seed=0)
-    )
+    ).sample
     table = pl.read_parquet(out / ENTRY_COUNTS_TABLE).filter(pl.col("count") > 0)
     t = report.t
     assert report.t_rule == "tail_share" and report.head_entries > 0
@@ -170,7 +171,7 @@ def test_draw_rules_keep_the_published_probabilities(
     for draw in ("systematic", "independent"):
         out = tmp_path / draw
         spec = BalanceSpec(t=12.0, seed=seed, draw=DrawRule(draw))
-        _, report = balance(str(tmp_path / "shards"), meta, out, spec)
+        report = balance(str(tmp_path / "shards"), meta, out, spec).sample
         assert report.draw == draw
         assert json.loads((out / REPORT_JSON).read_text())["spec"]["draw"] == draw
         decisions = pl.read_parquet(out / DECISIONS_TABLE)
@@ -219,7 +220,7 @@ def test_every_sample_is_accounted_for(tmp_path: Path, metadata_file: Path) -> N
         sample_members("000010000", image=image, caption="concept3", meta=same_uid),
     )
     out = tmp_path / "out"
-    _, report = balance(str(folder), load_metadata(metadata_file), out, BalanceSpec(t=100.0))
+    report = balance(str(folder), load_metadata(metadata_file), out, BalanceSpec(t=100.0)).sample
     decisions = pl.read_parquet(out / DECISIONS_TABLE)
     assert decisions.height == 8
     by_key = {k: (s, r) for k, s, r in decisions.select("key", "status", "reason").iter_rows()}
@@ -248,10 +249,10 @@ def test_tasks_and_workers_give_identical_outputs(tmp_path: Path, metadata_file:
     meta = load_metadata(metadata_file)
     spec = BalanceSpec(seed=11)
     balance(source, meta, tmp_path / "one", spec)
-    balance(source, meta, tmp_path / "workers", spec, workers=2)
+    balance(source, meta, tmp_path / "workers", spec, executor=ProcessExecutor(2))
     units = resolve_units(source)
     for index in range(3):
-        report = match_units(units, meta, tmp_path / "tasks", task_index=index, num_tasks=3)
+        report = match_units(units, meta, tmp_path / "tasks", tasks=TaskSlice(index, 3))
         assert report.units == len(units[index::3])
     sample_pool(units, meta, tmp_path / "tasks", spec, source=source)
     reference = read_outputs(tmp_path / "one")
@@ -263,7 +264,7 @@ def test_sample_phase_refuses_missing_matches(tmp_path: Path, metadata_file: Pat
     make_pool(tmp_path / "shards", shards=3, per_shard=5)
     units = resolve_units(str(tmp_path / "shards"))
     meta = load_metadata(metadata_file)
-    match_units(units, meta, tmp_path / "out", task_index=0, num_tasks=2)
+    match_units(units, meta, tmp_path / "out", tasks=TaskSlice(0, 2))
     with pytest.raises(RunFolderError, match="1 of 3 units have no current match file"):
         sample_pool(units, meta, tmp_path / "out", BalanceSpec())
 
@@ -273,31 +274,31 @@ def test_rerun_resumes_and_redoes_only_what_changed(tmp_path: Path, metadata_fil
     source = str(tmp_path / "shards")
     meta = load_metadata(metadata_file)
     out = tmp_path / "out"
-    first, _ = balance(source, meta, out, BalanceSpec())
-    assert (first.matched_now, first.skipped) == (3, 0)
+    first = balance(source, meta, out, BalanceSpec()).match
+    assert (first.done_now, first.skipped) == (3, 0)
     before = read_outputs(out)
-    again, _ = balance(source, meta, out, BalanceSpec())
-    assert (again.matched_now, again.skipped) == (0, 3)
+    again = balance(source, meta, out, BalanceSpec()).match
+    assert (again.done_now, again.skipped) == (0, 3)
     assert read_outputs(out) == before
     make_shard(tmp_path / "shards" / "00001.tar", 12, shard_index=1)  # rewritten shard
-    changed, _ = balance(source, meta, out, BalanceSpec())
-    assert (changed.matched_now, changed.skipped) == (1, 2)
+    changed = balance(source, meta, out, BalanceSpec()).match
+    assert (changed.done_now, changed.skipped) == (1, 2)
     other = tmp_path / "other.txt"
     save_metadata(other, ["photo", "sample"])
-    redo, _ = balance(source, load_metadata(other), out, BalanceSpec())
-    assert redo.matched_now == 3
+    redo = balance(source, load_metadata(other), out, BalanceSpec()).match
+    assert redo.done_now == 3
     # A half-written match file (killed mid-write never leaves one, but a foreign one) is redone.
     (out / MATCHES_DIR / "00000.parquet").write_bytes(b"not parquet")
-    redo, _ = balance(source, load_metadata(other), out, BalanceSpec())
-    assert (redo.matched_now, redo.skipped) == (1, 2)
+    redo = balance(source, load_metadata(other), out, BalanceSpec()).match
+    assert (redo.done_now, redo.skipped) == (1, 2)
 
 
 def test_seed_changes_the_draws_only(tmp_path: Path, metadata_file: Path) -> None:
     make_pool(tmp_path / "shards", shards=2, per_shard=100)
     meta = load_metadata(metadata_file)
     source = str(tmp_path / "shards")
-    _, a = balance(source, meta, tmp_path / "a", BalanceSpec(t=3.0, seed=1))
-    _, b = balance(source, meta, tmp_path / "b", BalanceSpec(t=3.0, seed=2))
+    a = balance(source, meta, tmp_path / "a", BalanceSpec(t=3.0, seed=1)).sample
+    b = balance(source, meta, tmp_path / "b", BalanceSpec(t=3.0, seed=2)).sample
     da = pl.read_parquet(tmp_path / "a" / DECISIONS_TABLE)
     db = pl.read_parquet(tmp_path / "b" / DECISIONS_TABLE)
     assert da["keep_prob"].to_list() == db["keep_prob"].to_list()
@@ -307,12 +308,12 @@ def test_seed_changes_the_draws_only(tmp_path: Path, metadata_file: Path) -> Non
 
 def test_target_size_lands_near_the_target(tmp_path: Path, metadata_file: Path) -> None:
     make_pool(tmp_path / "shards", shards=2, per_shard=300, seed=5)
-    _, report = balance(
+    report = balance(
         str(tmp_path / "shards"),
         load_metadata(metadata_file),
         tmp_path / "out",
         BalanceSpec(target_size=200),
-    )
+    ).sample
     assert report.t_rule == "target_size"
     assert report.expected_kept == pytest.approx(200, abs=1e-3)
     assert abs(report.kept - 200) < 5 * math.sqrt(200)
@@ -330,7 +331,7 @@ def test_tables_with_bad_captions_record_failures(tmp_path: Path, metadata_file:
         }
     ).write_parquet(table)
     out = tmp_path / "out"
-    _, report = balance(str(table), load_metadata(metadata_file), out, BalanceSpec(t=10.0))
+    report = balance(str(table), load_metadata(metadata_file), out, BalanceSpec(t=10.0)).sample
     reasons = pl.read_parquet(out / DECISIONS_TABLE)["reason"].to_list()
     assert reasons[0] is None and reasons[4] is None
     assert [r.split(":")[0] for r in reasons[1:4]] == [

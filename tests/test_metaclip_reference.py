@@ -26,8 +26,8 @@ from curate.balance.stage import (
     REPORT_JSON,
     BalanceSpec,
     balance,
-    load_matches,
     match_units,
+    read_matches,
 )
 from curate.errors import InputError
 from curate.io.captions import read_unit, resolve_units
@@ -69,7 +69,7 @@ def matched_ids(source: str, meta_path: Path, out: Path, **normalize: str) -> li
     meta = load_metadata(meta_path)
     units = resolve_units(source)
     match_units(units, meta, out, **normalize)
-    frame = load_matches(units, meta, out, MatchMode.metaclip, **normalize)
+    frame, _ = read_matches(units, meta, out, MatchMode.metaclip, **normalize)
     assert frame["error"].is_null().all()
     return [sorted(ids) for ids in frame["entry_ids"].to_list()]
 
@@ -106,7 +106,7 @@ def test_strip_normalisation_is_applied_the_same_to_every_source(tmp_path: Path)
     assert from_shards == from_table == expected
     # The setting is part of a match file's signature: changing it redoes the units.
     again = match_units(resolve_units(shards), load_metadata(meta), tmp_path / "a")
-    assert again.matched_now == 1
+    assert again.done_now == 1
 
 
 def test_blank_captions_fail_the_same_from_shards_and_tables(tmp_path: Path) -> None:
@@ -267,7 +267,7 @@ def test_tail_rule_in_the_stage_report_and_cli(
     for rule, name in rules:
         out = tmp_path / rule.value
         spec = BalanceSpec(tail_share=0.3, tail_rule=rule)
-        _, report = balance(shards, load_metadata(meta), out, spec)
+        report = balance(shards, load_metadata(meta), out, spec).sample
         expected = threshold_from_tail_share(np.array(counts), 0.3, rule).t
         assert (report.t, report.t_rule, report.tail_share_target) == (expected, name, 0.3)
         recorded = json.loads((out / REPORT_JSON).read_text())
@@ -318,7 +318,7 @@ def test_written_sidecar_keeps_captions_as_written_and_matches_like_the_shards(
     for name, source in (("shards", shards), ("sidecar", str(sidecar))):
         units = resolve_units(source)
         match_units(units, load_metadata(meta), tmp_path / name)
-        frame = load_matches(units, load_metadata(meta), tmp_path / name, MatchMode.metaclip)
+        frame, _ = read_matches(units, load_metadata(meta), tmp_path / name, MatchMode.metaclip)
         by_uid[name] = dict(zip(frame["uid"], frame["entry_ids"].to_list(), strict=True))
     assert by_uid["shards"] == by_uid["sidecar"]
     expected = [reference_matches(c, ["dog", "hot dog"]) for c in captions]

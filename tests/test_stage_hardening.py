@@ -100,12 +100,15 @@ def test_balance_match_phase_names_the_shard_and_exits_1(
     folder, bad = broken_pool
     code, _, err = run_cli(_balance_args(folder, tmp_path, "--phase", "match"), capsys)
     assert code == 1 and str(bad) in " ".join(err.split())
-    assert len(list((tmp_path / "bal" / "matches").glob("*.parquet"))) == 3
+    assert len(list((tmp_path / "bal" / "matches").glob("*.parquet"))) == 2
+    failed = json.loads((tmp_path / "bal" / ".curate/match/failed/00001.json").read_text())
+    assert failed["source"] == str(bad) and "cannot open shard" in failed["error"]
     code, out, err = run_cli(_balance_args(folder, tmp_path, "--phase", "sample"), capsys)
     assert code == 1 and str(bad) in " ".join(err.split())
     assert (tmp_path / "bal" / "subset.npy").is_file()
     code, out, err = run_cli(_balance_args(folder, tmp_path, "--phase", "match", "--json"), capsys)
-    assert code == 1 and json.loads(out)["matched_now"] == 1  # only the failed unit is retried
+    assert code == 1 and json.loads(out)["done_now"] == 0  # only the failed unit is retried
+    assert json.loads(out)["skipped"] == 2 and list(json.loads(out)["failed"]) == [str(bad)]
 
 
 def test_a_pool_of_only_unreadable_shards_is_one_line(
@@ -259,22 +262,15 @@ def test_balance_removes_temporary_match_files_of_a_killed_run(
 
 _PARENT = textwrap.dedent(
     """
-    import multiprocessing, os, sys, time
-    from concurrent.futures import ProcessPoolExecutor
-    from curate.balance import stage
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    from runtime_kit import SquareStage
+    from curate.runtime.executors import ProcessExecutor
+    from curate.runtime.stage import run_map
 
-    pool = ProcessPoolExecutor(
-        max_workers=2,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=stage._init_worker,
-        initargs=stage._worker_initargs(["dog", "cat"], "metaclip", "none"),
-    )
-    futures = [pool.submit(time.sleep, 600) for _ in range(2)]
-    while len(pool._processes) < 2:
-        time.sleep(0.05)
-    time.sleep(1.0)  # both workers initialised and sleeping in their task
-    print(" ".join(str(pid) for pid in pool._processes), flush=True)
-    time.sleep(600)
+    out = Path(sys.argv[1])
+    run_map(SquareStage(out, 2, sleep=600), out, executor=ProcessExecutor(2))
     """
 )
 
@@ -288,29 +284,35 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to watch processes")
-def test_balance_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
-    parent = subprocess.Popen(
-        [sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True, cwd=tmp_path
-    )
+def test_runtime_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """balance's (and every local map's) worker processes: a SIGKILLed parent takes them down,
+    although their units would run for 600 s more."""
+    tests = str(Path(__file__).parent)
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path), tests])
+    workers: list[int] = []
     try:
-        assert parent.stdout is not None
-        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.2)
+            workers = (
+                [int(p.name) for p in (tmp_path / "pids").glob("*")]
+                if (tmp_path / "pids").is_dir()
+                else []
+            )
         assert len(workers) == 2 and all(_alive(pid) for pid in workers)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
-        deadline = time.monotonic() + 60  # a hang bound, not a speed check: they sleep for 600 s
+        deadline = time.monotonic() + 60  # a hang bound, not a speed check
         while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(_alive(pid) for pid in workers)
     finally:
-        for pid in locals().get("workers", []):
+        for pid in workers:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-        if parent.stdout is not None:
-            parent.stdout.close()
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-1"])

@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -55,10 +52,13 @@ from curate.balance.sampling import (
     threshold_from_tail_share,
 )
 from curate.errors import InputError, RunFolderError, ShardOpenError, failure_code
-from curate.io.captions import UNIT_SCHEMA, CaptionUnit, read_unit, resolve_units
+from curate.io.captions import CaptionUnit, read_unit, resolve_units
 from curate.io.shards import check_out_apart
 from curate.io.uid_files import write_datacomp_npy
+from curate.runtime import records
 from curate.runtime.atomic import write_atomic, write_json_atomic
+from curate.runtime.executors import TaskSlice
+from curate.runtime.stage import MapReport, MapStage, Unit, UnitFailure, run_map
 
 MATCHES_DIR = "matches"
 ENTRY_COUNTS_TABLE = "entry_counts.parquet"
@@ -68,7 +68,6 @@ SUBSET_NPY = "subset.npy"
 REPORT_JSON = "balance.json"
 MATCH_FORMAT = 2  # 2: captions as written (format 1 matched stripped shard captions)
 _META_KEY = b"curate.balance.match"
-_ERROR_KEY = b"curate.balance.unit_error"  # a unit that could not be read: its error, 0 rows
 _TEMPORARY = re.compile(r"^\..+\.parquet\.[0-9a-f]{8}\.tmp$")  # atomic_path's, of a killed run
 HEAD_ROWS = 10
 
@@ -98,19 +97,6 @@ class BalanceSpec:
             self.t is not None or self.target_size is not None
         ):
             raise InputError("--tail-rule applies to --tail-share only, not to --t / --target-size")
-
-
-@dataclass
-class MatchReport:
-    """What the match phase did in this task."""
-
-    units: int
-    matched_now: int
-    skipped: int
-    samples: int
-    failed: int
-    seconds: float
-    shard_errors: dict[str, str] = field(default_factory=dict)  # url -> why it could not be read
 
 
 @dataclass
@@ -189,12 +175,12 @@ def match_signature(
     mode: MatchMode,
     normalize: Normalization = Normalization.none,
 ) -> dict[str, Any]:
-    """What a unit's match file must record to be reused."""
+    """What a unit's match file depends on (its completion record carries the hash)."""
     return {
         "format": MATCH_FORMAT,
         "metadata_sha256": metadata.sha256,
         "entries": metadata.size,
-        "mode": mode.value,
+        "mode": MatchMode(mode).value,
         "normalize": Normalization(normalize).value,
         "caption_column": unit.caption_column,
         "source": unit.url,
@@ -202,67 +188,66 @@ def match_signature(
     }
 
 
-def _recorded(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """A match file's signature (None: missing, partial or foreign) and its unit error."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        signature = json.loads(meta[_META_KEY])
-    except Exception:  # missing, partial or foreign file: redo the unit
-        return None, None
-    error = meta.get(_ERROR_KEY)
-    return signature, (error.decode("utf-8", "replace") if error is not None else None)
+@dataclass
+class MatchStage(MapStage):
+    """The match phase as a map stage: one unit per caption unit, one match file each."""
 
+    name: ClassVar[str] = "match"
+    units: list[CaptionUnit]
+    metadata: Metadata
+    mode: MatchMode
+    normalize: Normalization
+    out: Path
+    _matcher: Matcher | None = field(default=None, repr=False)
+    _by_name: dict[str, CaptionUnit] = field(default_factory=dict, repr=False)
 
-def _recorded_signature(path: Path) -> dict[str, Any] | None:
-    return _recorded(path)[0]
+    def __post_init__(self) -> None:
+        self._by_name = {u.name: u for u in self.units}
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_matcher": None}  # each worker builds its own automaton
 
-# Worker state: the automaton, built once per process.
-_MATCHER: Matcher | None = None
+    def plan(self) -> list[Unit]:
+        return [Unit(u.name, u.url) for u in self.units]
 
+    def _unit(self, unit: Unit) -> CaptionUnit:
+        return self._by_name[unit.name]
 
-def _match_unit(
-    unit: CaptionUnit, path: Path, signature: dict[str, Any]
-) -> tuple[int, int, str | None]:
-    """Match one unit's captions and write its match file; returns (rows, failed, error).
+    def signature(self, unit: Unit) -> dict[str, Any]:
+        return match_signature(self._unit(unit), self.metadata, self.mode, self.normalize)
 
-    A unit that cannot be read at all (not a tar, gone) gets a match file of no rows recording
-    its error: the sample phase reports it, and the next match phase tries it again.
-    """
-    assert _MATCHER is not None
-    metadata = {_META_KEY: json.dumps(signature, sort_keys=True)}
-    try:
-        frame = read_unit(unit)
-    except ShardOpenError as exc:
-        frame, error = pl.DataFrame(schema=UNIT_SCHEMA), str(exc)
-        metadata[_ERROR_KEY] = error
-    else:
-        error = None
-    captions = frame["caption"].to_list()
-    ids = [[] if c is None else _MATCHER.match(c) for c in captions]
-    table = frame.with_columns(pl.Series("entry_ids", ids, dtype=pl.List(pl.Int32))).to_arrow()
-    table = table.replace_schema_metadata(metadata)
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    return frame.height, int(frame["error"].is_not_null().sum()), error
+    def path(self, unit: Unit) -> Path:
+        return self.out / MATCHES_DIR / f"{unit.name}.parquet"
 
+    def output_present(self, unit: Unit) -> bool:
+        """The match file is there and says it was made with this signature (a foreign or
+        damaged file is redone)."""
+        try:
+            meta = pq.read_schema(self.path(unit)).metadata or {}
+            return json.loads(meta[_META_KEY]) == self.signature(unit)
+        except Exception:  # missing, partial or foreign file
+            return False
 
-def _exit_with_parent(parent: int) -> None:
-    """Exit this worker soon after the process that started it is gone (even by SIGKILL)."""
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            os._exit(1)
+    def setup(self) -> None:
+        self._matcher = Matcher(self.metadata.entries, self.mode, normalize=self.normalize)
 
-
-def _worker_initargs(entries: list[str], mode: str, normalize: str) -> tuple[Any, ...]:
-    """`_init_worker`'s arguments, with this process as the parent its workers watch."""
-    return entries, mode, normalize, os.getpid()
-
-
-def _init_worker(entries: list[str], mode: str, normalize: str, parent: int) -> None:
-    global _MATCHER
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    _MATCHER = Matcher(entries, mode, normalize=normalize)
+    def run_unit(self, unit: Unit) -> dict[str, Any]:
+        """Match one unit's captions into its match file (uid, shard, key, caption, error,
+        entry_ids; the signature in the parquet metadata too)."""
+        if self._matcher is None:
+            self.setup()
+        assert self._matcher is not None
+        try:
+            frame = read_unit(self._unit(unit))
+        except ShardOpenError as exc:
+            raise UnitFailure(str(exc)) from exc
+        captions = frame["caption"].to_list()
+        ids = [[] if c is None else self._matcher.match(c) for c in captions]
+        table = frame.with_columns(pl.Series("entry_ids", ids, dtype=pl.List(pl.Int32))).to_arrow()
+        signature = json.dumps(self.signature(unit), sort_keys=True)
+        table = table.replace_schema_metadata({_META_KEY: signature})
+        write_atomic(self.path(unit), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        return {"samples": frame.height, "failed": int(frame["error"].is_not_null().sum())}
 
 
 def _remove_temporaries(folder: Path) -> None:
@@ -279,75 +264,22 @@ def match_units(
     *,
     mode: MatchMode = MatchMode.metaclip,
     normalize: Normalization | str = Normalization.none,
-    workers: int = 1,
-    task_index: int = 0,
-    num_tasks: int = 1,
+    executor: Any = None,
+    tasks: TaskSlice | None = None,
     on_unit: Callable[[int], None] | None = None,
-) -> MatchReport:
-    """The match phase for this task's units (`units[task_index::num_tasks]`)."""
-    global _MATCHER
-    if not 0 <= task_index < num_tasks:
-        raise InputError(f"--task-index must be in [0, {num_tasks}), got {task_index}")
-    start = time.perf_counter()
-    normalize = Normalization(normalize)
+) -> MapReport:
+    """The match phase for this task's units (`tasks`, default all) on `executor`."""
+    tasks = tasks or TaskSlice()
     check_out_apart(out, [u.url for u in units])
-    mine = list(units)[task_index::num_tasks]
+    stage = MatchStage(list(units), metadata, MatchMode(mode), Normalization(normalize), out)
     folder = out / MATCHES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    if num_tasks == 1:  # with several tasks a neighbour's temporary file may be in use
+    if tasks.count == 1:  # with several tasks a neighbour's temporary file may be in use
         _remove_temporaries(folder)
-    todo: list[tuple[CaptionUnit, Path, dict[str, Any]]] = []
-    for unit in mine:
-        path = folder / f"{unit.name}.parquet"
-        signature = match_signature(unit, metadata, mode, normalize)
-        if path.is_file() and _recorded(path) == (signature, None):
-            continue  # done; a unit that could not be read is tried again
-        todo.append((unit, path, signature))
-    report = MatchReport(
-        units=len(mine), matched_now=len(todo), skipped=len(mine) - len(todo), samples=0,
-        failed=0, seconds=0.0,
-    )  # fmt: skip
-
-    def done(unit: CaptionUnit, result: tuple[int, int, str | None]) -> None:
-        n, bad, error = result
-        report.samples += n
-        report.failed += bad
-        if error is not None:
-            report.shard_errors[unit.url] = error
-        if on_unit:
-            on_unit(n)
-
-    if todo:
-        if workers <= 1 or len(todo) == 1:
-            _MATCHER = Matcher(metadata.entries, mode, normalize=normalize)  # workers: their own
-            for item in todo:
-                done(item[0], _match_unit(*item))
-        else:
-            # spawn, not fork: polars' thread pool does not survive a fork.
-            with ProcessPoolExecutor(
-                max_workers=min(workers, len(todo)),
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=_worker_initargs(metadata.entries, mode.value, normalize.value),
-            ) as pool:
-                futures = [(item[0], pool.submit(_match_unit, *item)) for item in todo]
-                for unit, future in futures:
-                    done(unit, future.result())
-    report.seconds = time.perf_counter() - start
-    return report
+    return run_map(stage, out, executor=executor, tasks=tasks, on_unit=on_unit)
 
 
-def unit_errors(units: Sequence[CaptionUnit], out: Path) -> dict[str, str]:
-    """The units whose match file records that they could not be read: url -> error."""
-    errors = {}
-    for unit in units:
-        error = _recorded(out / MATCHES_DIR / f"{unit.name}.parquet")[1]
-        if error is not None:
-            errors[unit.url] = error
-    return errors
-
-
-def load_matches(
+def read_matches(
     units: Sequence[CaptionUnit],
     metadata: Metadata,
     out: Path,
@@ -355,23 +287,30 @@ def load_matches(
     columns: Sequence[str] = ("uid", "shard", "key", "error", "entry_ids"),
     *,
     normalize: Normalization | str = Normalization.none,
-) -> pl.DataFrame:
-    """Every unit's match rows in unit order; refuses when a unit is missing or stale."""
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Every done unit's match rows in unit order, and the units that failed (url -> error);
+    refuses when a unit has not been matched (or was matched with other settings)."""
+    stage = MatchStage(list(units), metadata, MatchMode(mode), Normalization(normalize), out)
+    folder = records.stage_folder(out, stage.name)
     frames = []
     missing: list[str] = []
-    for unit in units:
-        path = out / MATCHES_DIR / f"{unit.name}.parquet"
-        wanted = match_signature(unit, metadata, mode, Normalization(normalize))
-        if not path.is_file() or _recorded_signature(path) != wanted:
-            missing.append(unit.name)
+    errors: dict[str, str] = {}
+    for unit in stage.plan():
+        wanted = records.signature_hash(stage.signature(unit))
+        if records.is_done(folder, unit, wanted) and stage.output_present(unit):
+            frames.append(pl.read_parquet(stage.path(unit), columns=list(columns)))
             continue
-        frames.append(pl.read_parquet(path, columns=list(columns)))
+        failed = records.read_failed(folder, unit)
+        if failed is not None and failed.get("signature") == wanted:
+            errors[unit.source] = str(failed.get("error"))
+        else:
+            missing.append(unit.name)
     if missing:
         raise RunFolderError(
             f"{len(missing)} of {len(units)} units have no current match file in "
             f"{out / MATCHES_DIR} (first: {missing[0]}); run the match phase for them first"
         )
-    return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
+    return (pl.concat(frames, how="vertical") if frames else pl.DataFrame()), errors
 
 
 def pool_errors(frame: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
@@ -431,8 +370,7 @@ def sample_pool(
     spec.validate()
     check_out_apart(out, [u.url for u in units])
     normalize = Normalization(normalize)
-    frame = load_matches(units, metadata, out, mode, normalize=normalize)
-    shard_errors = unit_errors(units, out)
+    frame, shard_errors = read_matches(units, metadata, out, mode, normalize=normalize)
     n = frame.height
     if n == 0:
         raise_empty(source, shard_errors)
@@ -582,6 +520,35 @@ def _buckets(counts: np.ndarray, after: np.ndarray) -> list[CountBucket]:
     return buckets
 
 
+class Phase(str, Enum):
+    """Which part of balance to run: both, the map only (per task), the reduce only."""
+
+    all = "all"
+    match = "match"
+    sample = "sample"
+
+
+@dataclass
+class BalanceRun:
+    """What a `balance` call ran: the match map (this task's share) and/or the sample reduce."""
+
+    match: MapReport | None = None
+    sample: BalanceReport | None = None
+
+    @property
+    def shard_errors(self) -> dict[str, str]:
+        """Units that could not be read (the command exits 1 naming them)."""
+        errors = dict(self.match.failed) if self.match else {}
+        errors.update(self.sample.shard_errors if self.sample else {})
+        return errors
+
+    def to_json(self) -> dict[str, Any]:
+        if self.sample is not None:
+            return self.sample.to_json()
+        assert self.match is not None
+        return self.match.to_json()
+
+
 def balance(
     source: str | Sequence[str],
     metadata: Metadata,
@@ -591,18 +558,33 @@ def balance(
     mode: MatchMode = MatchMode.metaclip,
     normalize: Normalization | str = Normalization.none,
     caption_column: str | None = None,
-    workers: int = 1,
+    phase: Phase | str = Phase.all,
+    executor: Any = None,
+    tasks: TaskSlice | None = None,
     on_unit: Callable[[int], None] | None = None,
     on_units: Callable[[int], None] | None = None,
-) -> tuple[MatchReport, BalanceReport]:
-    """Both phases in this process (and `workers` processes for matching)."""
+) -> BalanceRun:
+    """`curate balance`: the match map over this task's units (`tasks`; on `executor`), then,
+    unless `phase` is ``match``, the sample reduce over every unit's matches."""
     spec.validate()
+    phase = Phase(phase)
+    tasks = tasks or TaskSlice()
+    if tasks.count > 1 and phase is Phase.all:
+        raise InputError(
+            "with several array tasks run --phase match in each, then --phase sample once"
+        )
     units = resolve_units(source, caption_column)
-    if on_units:
-        on_units(len(units))
-    matched = match_units(
-        units, metadata, out, mode=mode, normalize=normalize, workers=workers, on_unit=on_unit
-    )
-    label = source if isinstance(source, str) else " ".join(source)
-    report = sample_pool(units, metadata, out, spec, mode=mode, normalize=normalize, source=label)
-    return matched, report
+    result = BalanceRun()
+    if phase is not Phase.sample:
+        if on_units:
+            on_units(len(tasks.select(units)))
+        result.match = match_units(
+            units, metadata, out, mode=mode, normalize=normalize, executor=executor,
+            tasks=tasks, on_unit=on_unit,
+        )  # fmt: skip
+    if phase is not Phase.match:
+        label = source if isinstance(source, str) else " ".join(source)
+        result.sample = sample_pool(
+            units, metadata, out, spec, mode=mode, normalize=normalize, source=label
+        )
+    return result

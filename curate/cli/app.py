@@ -79,6 +79,7 @@ def _register() -> None:
         metadata,
         models,
         rewrite,
+        runtime,
         score,
         select,
         write,
@@ -95,6 +96,10 @@ def _register() -> None:
     app.command("rebalance")(fairness.rebalance_command)
     app.command("demo")(demo.demo_command)
     app.command("models")(models.models_command)
+    app.command("status")(runtime.status_command)
+    app.command(
+        "slurm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    )(runtime.slurm_command)
 
 
 _register()

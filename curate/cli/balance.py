@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,15 +9,9 @@ import typer
 
 from curate.balance.matching import MatchMode, Normalization
 from curate.balance.sampling import DEFAULT_TAIL_SHARE, TailRule
+from curate.balance.stage import Phase
 from curate.cli import options as opt
 from curate.cli.report import balance_summary, match_summary, print_json, warn_shard_problems
-from curate.errors import InputError
-
-
-class Phase(str, Enum):
-    all = "all"
-    match = "match"
-    sample = "sample"
 
 
 def balance_command(
@@ -122,21 +114,10 @@ def balance_command(
             rich_help_panel="Cluster",
         ),
     ] = Phase.all,
-    num_tasks: Annotated[
-        int,
-        typer.Option(
-            "--num-tasks", min=1, help="Tasks sharing the match phase.", rich_help_panel="Cluster"
-        ),
-    ] = 1,
-    task_index: Annotated[
-        int | None,
-        typer.Option(
-            "--task-index",
-            min=0,
-            help="This task's index (default: $SLURM_ARRAY_TASK_ID, else 0).",
-            rich_help_panel="Cluster",
-        ),
-    ] = None,
+    executor: opt.ExecutorOpt = opt.ExecutorChoice.local,
+    ray_address: opt.RayAddressOpt = None,
+    num_tasks: opt.NumTasksOpt = None,
+    task_index: opt.TaskIndexOpt = None,
     workers: opt.MatchWorkersOpt = None,
     no_progress: opt.NoProgressOpt = False,
     as_json: opt.JsonOpt = False,
@@ -150,9 +131,9 @@ def balance_command(
     On a cluster: run `--phase match --num-tasks K` as K tasks, then `--phase sample` once.
     """
     from curate.balance.metadata import load_metadata
-    from curate.balance.stage import BalanceSpec, match_units, sample_pool
-    from curate.io.captions import resolve_units
-    from curate.runtime.progress import progress_bar, scoring_status
+    from curate.balance.stage import BalanceSpec, balance
+    from curate.runtime.executors import make_executor
+    from curate.runtime.progress import progress_bar
 
     spec = BalanceSpec(
         t=t,
@@ -163,51 +144,44 @@ def balance_command(
         draw=draw,
     )
     spec.validate()
-    workers = opt.match_workers(workers)
-    if task_index is None:
-        task_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
-    if num_tasks > 1 and phase is Phase.all:
-        raise InputError(
-            "with --num-tasks > 1 run --phase match in each task, then --phase sample once"
-        )
+    runner, tasks = make_executor(
+        executor.value,
+        workers=opt.match_workers(workers),
+        ray_address=ray_address,
+        num_tasks=num_tasks,
+        task_index=task_index,
+    )
     meta = load_metadata(metadata)
-    units = resolve_units(sources, caption_column)
-    if phase in (Phase.all, Phase.match):
-        mine = len(units[task_index::num_tasks])
-        with progress_bar("matching", total_shards=mine, enabled=not no_progress) as bar:
+    with progress_bar("matching", total_shards=None, enabled=not no_progress) as bar:
 
-            def advance(samples: int) -> None:
-                bar.advance_samples(samples)
-                bar.advance_shard()
+        def advance(samples: int) -> None:
+            bar.advance_samples(samples)
+            bar.advance_shard()
 
-            matched = match_units(
-                units,
-                meta,
-                out,
-                mode=match,
-                normalize=normalize,
-                workers=workers,
-                task_index=task_index,
-                num_tasks=num_tasks,
-                on_unit=advance,
-            )
-        if phase is Phase.match:
-            warn_shard_problems(matched.shard_errors, {})
-            if as_json:
-                print_json(vars(matched))
-            else:
-                match_summary(matched, out)
-            if matched.shard_errors:
-                raise typer.Exit(1)
-            return
-    with scoring_status("counting entries and sampling", enabled=not no_progress):
-        report = sample_pool(
-            units, meta, out, spec, mode=match, normalize=normalize, source=" ".join(sources)
+        def counted(units: int) -> None:
+            bar.set_total_shards(units)
+
+        result = balance(
+            sources,
+            meta,
+            out,
+            spec,
+            mode=match,
+            normalize=normalize,
+            caption_column=caption_column,
+            phase=phase,
+            executor=runner,
+            tasks=tasks,
+            on_unit=advance,
+            on_units=counted,
         )
-    warn_shard_problems(report.shard_errors, {})
+    warn_shard_problems(result.shard_errors, {})
     if as_json:
-        print_json(report.to_json())
+        print_json(result.to_json())
+    elif result.sample is not None:
+        balance_summary(result.sample)
     else:
-        balance_summary(report)
-    if report.shard_errors:
+        assert result.match is not None
+        match_summary(result.match, out)
+    if result.shard_errors:
         raise typer.Exit(1)

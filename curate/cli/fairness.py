@@ -11,6 +11,7 @@ import typer
 from curate.balance.matching import MatchMode
 from curate.cli import options as opt
 from curate.cli.report import audit_summary, print_json, rebalance_summary, warn_shard_problems
+from curate.errors import InputError
 
 BUILTIN_CONCEPTS = ("occupations",)
 
@@ -214,6 +215,8 @@ def audit_command(
     caption_column: opt.CaptionColumnOpt = None,
     device: opt.DeviceOpt = "auto",
     workers: opt.MatchWorkersOpt = None,
+    executor: opt.ExecutorOpt = opt.ExecutorChoice.local,
+    ray_address: opt.RayAddressOpt = None,
     no_progress: opt.NoProgressOpt = False,
     as_json: opt.JsonOpt = False,
 ) -> None:
@@ -229,6 +232,7 @@ def audit_command(
     from curate.fairness.audit import AuditOptions
     from curate.fairness.audit import audit as run_audit
     from curate.fairness.spec import load_spec
+    from curate.runtime.executors import make_executor
     from curate.runtime.progress import progress_bar
 
     options = AuditOptions(
@@ -246,7 +250,11 @@ def audit_command(
     options.validate()
     attribute_spec = load_spec(spec).select(attribute)
     concept_list = load_metadata(_concepts_path(concepts))
-    workers = opt.match_workers(workers)
+    if executor is opt.ExecutorChoice.array:
+        raise InputError("curate audit matches and measures in one call: use local or ray")
+    runner, _ = make_executor(
+        executor.value, workers=opt.match_workers(workers), ray_address=ray_address
+    )
     with progress_bar("auditing", total_shards=None, enabled=not no_progress) as bar:
 
         def advance(samples: int) -> None:
@@ -262,7 +270,7 @@ def audit_command(
             run=run,
             mode=match,
             caption_column=caption_column,
-            workers=workers,
+            executor=runner,
             device=device,
             on_units=bar.set_total_shards,
             on_unit=advance,

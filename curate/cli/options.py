@@ -145,3 +145,50 @@ DrawOpt = Annotated[
         rich_help_panel="Output",
     ),
 ]
+
+
+class ExecutorChoice(str, Enum):
+    local = "local"
+    ray = "ray"
+    array = "array"
+
+
+ExecutorOpt = Annotated[
+    ExecutorChoice,
+    typer.Option(
+        "--executor",
+        help="Where the units run. local: this machine (--workers processes). ray: one Ray "
+        "task per unit (a local Ray instance, or the cluster of --ray-address). array: this "
+        "process is task i of k of an array job and runs units i, i+k, i+2k, ... "
+        "(--task-index/--num-tasks, default from Slurm's array variables); see `curate slurm`.",
+        rich_help_panel="Cluster",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Ray cluster to join: auto (the one on this node), ray://HOST:10001, HOST:6379. "
+        "Default: start a local Ray instance.",
+        rich_help_panel="Cluster",
+    ),
+]
+NumTasksOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-tasks",
+        min=1,
+        help="Tasks of the array job (--executor array). Default: $SLURM_ARRAY_TASK_COUNT.",
+        rich_help_panel="Cluster",
+    ),
+]
+TaskIndexOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--task-index",
+        min=0,
+        help="This task's index, from 0 (--executor array). Default: $SLURM_ARRAY_TASK_ID "
+        "(minus $SLURM_ARRAY_TASK_MIN).",
+        rich_help_panel="Cluster",
+    ),
+]

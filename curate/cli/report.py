@@ -17,11 +17,12 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from curate.balance.build import SourceCount
-    from curate.balance.stage import BalanceReport, MatchReport
+    from curate.balance.stage import BalanceReport
     from curate.embedding.stage import EmbedReport
     from curate.fairness.audit import AuditReport
     from curate.fairness.rebalance import RebalanceReport
     from curate.rewrite.stage import RewriteReport
+    from curate.runtime.stage import MapReport
     from curate.scoring.stage import ScoreReport
     from curate.selection.stage import SelectReport
     from curate.writing.stage import WriteReport
@@ -184,12 +185,14 @@ def write_summary(report: WriteReport) -> None:
     )
 
 
-def match_summary(report: MatchReport, out: Path) -> None:
+def match_summary(report: MapReport, out: Path) -> None:
     """What one match task did."""
+    failed = sum(int(s.get("failed", 0)) for s in report.stats.values())
+    samples = sum(int(s.get("samples", 0)) for s in report.stats.values())
     stdout_console.print(
-        f"matched {report.matched_now} units ({report.skipped} already done) of this task's "
-        f"{report.units}: {report.samples} samples, {report.failed} failed; "
-        f"files in {out}/matches ({report.seconds:.1f}s)",
+        f"matched {report.done_now} units ({report.skipped} already done, "
+        f"{len(report.failed)} unreadable) of {report.task}'s {report.units}: {samples} "
+        f"samples, {failed} failed; files in {out}/matches ({report.seconds:.1f}s)",
         highlight=False,
         soft_wrap=True,
     )

@@ -37,12 +37,11 @@ import pyarrow as pa
 from curate.balance.matching import MatchMode
 from curate.balance.metadata import Metadata
 from curate.balance.stage import (
-    load_matches,
     match_units,
     matches_csr,
     pool_errors,
     raise_empty,
-    unit_errors,
+    read_matches,
 )
 from curate.errors import InputError, failure_code
 from curate.fairness.lexicon import MIXED, caption_labels, caption_mentions_person
@@ -279,7 +278,7 @@ def audit(
     run: Path | None = None,
     mode: MatchMode = MatchMode.words,
     caption_column: str | None = None,
-    workers: int = 1,
+    executor: Any = None,
     device: str = "auto",
     on_units: Callable[[int], None] | None = None,
     on_unit: Callable[[int], None] | None = None,
@@ -313,13 +312,13 @@ def audit(
     units = resolve_units(specs, caption_column)
     if on_units:
         on_units(len(units))
-    match_units(units, concepts, out, mode=mode, workers=workers, on_unit=on_unit)
+    matched = match_units(units, concepts, out, mode=mode, executor=executor, on_unit=on_unit)
     if on_step:
         on_step("labelling")
-    frame = load_matches(
+    frame, shard_errors = read_matches(
         units, concepts, out, mode, columns=("uid", "shard", "key", "caption", "error", "entry_ids")
     )
-    shard_errors = unit_errors(units, out)
+    shard_errors.update(matched.failed)
     if frame.height == 0:
         raise_empty(" ".join(map(str, specs)), shard_errors)
     uid, errors = pool_errors(frame)

@@ -1,0 +1,248 @@
+"""Executors: where the units of a map stage run. All of them give the same outputs.
+
+- `InlineExecutor`: one after another in this process (``--workers`` 0 or 1);
+- `ProcessExecutor`: a pool of spawned worker processes on this machine, each set up once;
+  workers exit soon after their parent dies, even by SIGKILL;
+- `RayExecutor`: one Ray task per unit with the stage's resources (CPUs, GPUs), retried by Ray
+  when a worker dies (``max_retries``); each worker process sets the stage up once. A local
+  Ray instance is started unless ``--ray-address`` names a cluster (``auto``, ``ray://...``).
+- `TaskSlice` is not an executor but a share of the units: task ``i`` of ``k`` of an array job
+  (Slurm or any scheduler) takes ``units[i::k]`` and runs them on one of the above.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from curate.errors import InputError
+from curate.runtime.stage import MapStage, Unit, execute_unit
+
+__all__ = [
+    "ExecutorKind",
+    "InlineExecutor",
+    "ProcessExecutor",
+    "RayExecutor",
+    "TaskSlice",
+    "make_executor",
+]
+
+ExecutorKind = Literal["local", "ray", "array"]
+Finished = Callable[[dict[str, Any]], None]
+log = logging.getLogger("curate.runtime")
+
+
+@dataclass(frozen=True)
+class TaskSlice:
+    """Task `index` of `count`: it takes `units[index::count]`."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise InputError(f"--task-index must be in [0, {self.count}), got {self.index}")
+
+    @property
+    def label(self) -> str:
+        return "local" if self.count == 1 else f"task-{self.index:05d}-of-{self.count:05d}"
+
+    def select(self, units: Sequence[Unit]) -> list[Unit]:
+        return list(units)[self.index :: self.count]
+
+    @classmethod
+    def from_env(cls, index: int | None = None, count: int | None = None) -> TaskSlice:
+        """From the arguments, else Slurm's array variables (ids may start above 0)."""
+        env = os.environ
+        if count is None and env.get("SLURM_ARRAY_TASK_COUNT"):
+            count = int(env["SLURM_ARRAY_TASK_COUNT"])
+        if index is None and env.get("SLURM_ARRAY_TASK_ID"):
+            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return cls(index or 0, count or 1)
+
+
+class InlineExecutor:
+    """Units one after another in this process."""
+
+    label = "inline"
+
+    def run(
+        self,
+        stage: MapStage,
+        units: Sequence[Unit],
+        folder: Path,
+        signatures: dict[str, str],
+        finished: Finished,
+    ) -> None:
+        stage.setup()
+        for unit in units:
+            finished(execute_unit(stage, unit, folder, signatures[unit.name]))
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+_WORKER: tuple[MapStage, Path] | None = None
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit this worker soon after the process that started it is gone (even by SIGKILL)."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def watch_parent(parent: int) -> None:
+    """Start the watch thread of a worker process whose parent has pid `parent`."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _process_init(stage: MapStage, folder: str, parent: int) -> None:
+    global _WORKER
+    watch_parent(parent)
+    from curate.runtime.records import worker_log
+
+    worker_log(Path(folder))
+    stage.setup()
+    _WORKER = (stage, Path(folder))
+
+
+def _process_unit(unit: Unit, signature: str) -> dict[str, Any]:
+    assert _WORKER is not None
+    stage, folder = _WORKER
+    return execute_unit(stage, unit, folder, signature)
+
+
+class ProcessExecutor:
+    """A pool of `workers` spawned processes (spawn: polars' and torch's threads do not survive
+    a fork); units are handed out in order, results come back as they finish."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self.label = f"{self.workers} processes"
+
+    def run(
+        self,
+        stage: MapStage,
+        units: Sequence[Unit],
+        folder: Path,
+        signatures: dict[str, str],
+        finished: Finished,
+    ) -> None:
+        if self.workers == 1 or len(units) == 1:
+            InlineExecutor().run(stage, units, folder, signatures, finished)
+            return
+        with ProcessPoolExecutor(
+            max_workers=min(self.workers, len(units)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_process_init,
+            initargs=(stage, str(folder), os.getpid()),
+        ) as pool:
+            pending = {pool.submit(_process_unit, u, signatures[u.name]) for u in units}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finished(future.result())
+
+
+# --- Ray ----------------------------------------------------------------------------------------
+
+_RAY_READY: dict[str, MapStage] = {}  # per worker process: stages already set up, by run key
+
+
+def _ray_unit(stage: MapStage, key: str, unit: Unit, folder: str, signature: str) -> dict:
+    ready = _RAY_READY.get(key)
+    if ready is None:
+        from curate.runtime.records import worker_log
+
+        worker_log(Path(folder))
+        stage.setup()
+        _RAY_READY.clear()  # one stage per worker at a time: free an earlier one's model
+        ready = _RAY_READY[key] = stage
+    return execute_unit(ready, unit, Path(folder), signature)
+
+
+class RayExecutor:
+    """One Ray task per unit (module doc)."""
+
+    def __init__(self, address: str | None = None, *, max_retries: int = 3) -> None:
+        self.address = address
+        self.max_retries = max_retries
+        self.label = f"ray ({address or 'local instance'})"
+
+    def _connect(self) -> Any:
+        try:
+            import ray
+        except ImportError as exc:
+            raise InputError(
+                "--executor ray needs Ray: pip install 'ray>=2.40' (or curate[ray])"
+            ) from exc
+        if not ray.is_initialized():
+            options: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+            if self.address:
+                options["address"] = self.address
+            else:
+                options["include_dashboard"] = False
+            ray.init(**options)
+        return ray
+
+    def run(
+        self,
+        stage: MapStage,
+        units: Sequence[Unit],
+        folder: Path,
+        signatures: dict[str, str],
+        finished: Finished,
+    ) -> None:
+        ray = self._connect()
+        remote = ray.remote(_ray_unit).options(
+            num_cpus=stage.resources.cpus,
+            num_gpus=stage.resources.gpus,
+            max_retries=self.max_retries,
+            retry_exceptions=False,  # a unit's own error is not transient; a dead worker is
+        )
+        stage_ref = ray.put(stage)
+        key = uuid.uuid4().hex
+        pending = [remote.remote(stage_ref, key, u, str(folder), signatures[u.name]) for u in units]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    raise exc.as_instanceof_cause() from None  # the unit's own exception type
+                finished(result)
+
+
+def make_executor(
+    kind: ExecutorKind = "local",
+    *,
+    workers: int = 1,
+    ray_address: str | None = None,
+    num_tasks: int | None = None,
+    task_index: int | None = None,
+) -> tuple[InlineExecutor | ProcessExecutor | RayExecutor, TaskSlice]:
+    """The executor and this task's share for the CLI's ``--executor`` options."""
+    if kind not in ("local", "ray", "array"):
+        raise InputError(f"--executor must be local, ray or array, not {kind!r}")
+    if kind == "local" and (num_tasks or 1) > 1:
+        kind = "array"  # --num-tasks alone says as much
+    if kind == "ray" and (num_tasks or 1) > 1:
+        raise InputError("--num-tasks is for --executor array; Ray schedules the units itself")
+    if kind != "ray" and ray_address:
+        raise InputError("--ray-address needs --executor ray")
+    tasks = TaskSlice.from_env(task_index, num_tasks) if kind == "array" else TaskSlice()
+    if kind == "array" and tasks.count == 1 and "SLURM_ARRAY_TASK_ID" not in os.environ:
+        log.info("--executor array with one task: the whole map runs here")
+    if kind == "ray":
+        return RayExecutor(ray_address), tasks
+    return (ProcessExecutor(workers) if workers > 1 else InlineExecutor()), tasks
