@@ -177,6 +177,15 @@ def write_summary(report: WriteReport) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    if not report.complete:
+        stdout_console.print(
+            "[yellow]not every output shard is written yet[/yellow] (other array tasks, or "
+            "failed shards): manifest.json and sizes.json come with the call that finds them "
+            f"all done; `curate status {report.out}` shows what is left",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     stdout_console.print(
         f"train with open_clip: --dataset-type webdataset --train-data '{report.train_data}' "
         f"--train-num-samples {report.written_samples}",

@@ -144,6 +144,10 @@ def write_command(
             "--workers", min=1, help="Shards written in parallel.", rich_help_panel="Speed"
         ),
     ] = 4,
+    executor: opt.ExecutorOpt = opt.ExecutorChoice.local,
+    ray_address: opt.RayAddressOpt = None,
+    num_tasks: opt.NumTasksOpt = None,
+    task_index: opt.TaskIndexOpt = None,
     no_progress: opt.NoProgressOpt = False,
     as_json: opt.JsonOpt = False,
 ) -> int:
@@ -156,6 +160,7 @@ def write_command(
     only, so it cannot find samples with derived uids in a subset.npy: write those with
     `curate write`.
     """
+    from curate.runtime.executors import make_executor
     from curate.runtime.progress import progress_bar
     from curate.writing.stage import WriteOptions, write_subset
 
@@ -176,7 +181,18 @@ def write_command(
         def advance(done_shards: int, total_shards: int, done_samples: int) -> None:
             bar.set(done_shards, total_shards, done_samples)
 
-        report = write_subset(shards, subset, out=out, options=options, progress=advance)
+        runner, tasks = make_executor(
+            executor.value,
+            workers=workers,
+            ray_address=ray_address,
+            num_tasks=num_tasks,
+            task_index=task_index,
+            threads=True,
+        )
+        report = write_subset(
+            shards, subset, out=out, options=options, executor=runner, tasks=tasks,
+            progress=advance,
+        )  # fmt: skip
     warn_shard_problems(report.shard_errors, report.truncated)
     if as_json:
         print_json(report.to_json())

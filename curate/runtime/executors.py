@@ -1,6 +1,7 @@
 """Executors: where the units of a map stage run. All of them give the same outputs.
 
 - `InlineExecutor`: one after another in this process (``--workers`` 0 or 1);
+- `ThreadExecutor`: threads of this process, for I/O-bound stages (write copies bytes);
 - `ProcessExecutor`: a pool of spawned worker processes on this machine, each set up once;
   workers exit soon after their parent dies, even by SIGKILL;
 - `RayExecutor`: one Ray task per unit with the stage's resources (CPUs, GPUs), retried by Ray
@@ -19,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ __all__ = [
     "ProcessExecutor",
     "RayExecutor",
     "TaskSlice",
+    "ThreadExecutor",
     "make_executor",
 ]
 
@@ -86,6 +88,33 @@ class InlineExecutor:
         stage.setup()
         for unit in units:
             finished(execute_unit(stage, unit, folder, signatures[unit.name]))
+
+
+class ThreadExecutor:
+    """Units on `workers` threads of this process, for I/O-bound stages (copying bytes): the
+    stage is set up once and shared, nothing is pickled."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self.label = f"{self.workers} threads"
+
+    def run(
+        self,
+        stage: MapStage,
+        units: Sequence[Unit],
+        folder: Path,
+        signatures: dict[str, str],
+        finished: Finished,
+    ) -> None:
+        stage.setup()
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(units))) as pool:
+            pending = {
+                pool.submit(execute_unit, stage, u, folder, signatures[u.name]) for u in units
+            }
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finished(future.result())
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -230,8 +259,10 @@ def make_executor(
     ray_address: str | None = None,
     num_tasks: int | None = None,
     task_index: int | None = None,
-) -> tuple[InlineExecutor | ProcessExecutor | RayExecutor, TaskSlice]:
-    """The executor and this task's share for the CLI's ``--executor`` options."""
+    threads: bool = False,
+) -> tuple[InlineExecutor | ThreadExecutor | ProcessExecutor | RayExecutor, TaskSlice]:
+    """The executor and this task's share for the CLI's ``--executor`` options; `threads`: run
+    local units on threads (I/O-bound stages) rather than processes."""
     if kind not in ("local", "ray", "array"):
         raise InputError(f"--executor must be local, ray or array, not {kind!r}")
     if kind == "local" and (num_tasks or 1) > 1:
@@ -245,4 +276,6 @@ def make_executor(
         log.info("--executor array with one task: the whole map runs here")
     if kind == "ray":
         return RayExecutor(ray_address), tasks
-    return (ProcessExecutor(workers) if workers > 1 else InlineExecutor()), tasks
+    if workers <= 1:
+        return InlineExecutor(), tasks
+    return (ThreadExecutor(workers) if threads else ProcessExecutor(workers)), tasks

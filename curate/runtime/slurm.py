@@ -21,10 +21,12 @@ from curate.errors import InputError
 
 __all__ = ["SlurmOptions", "SlurmPlan", "parse_array", "plan_jobs", "submit"]
 
-# Commands whose work splits into a map and a reduce: (map flags, reduce flags).
-PHASED = {"balance": (["--phase", "match"], ["--phase", "sample"])}
+# Commands with a reduce after the map, as (flags of the array tasks, flags of the reduce job):
+# balance's sample phase; write's manifest (a plain rerun once every shard is there: tasks that
+# finish at the same moment may each miss the others' last shard).
+PHASED = {"balance": (["--phase", "match"], ["--phase", "sample"]), "write": ([], [])}
 # Commands that run as array tasks (the others have no map to split).
-MAPPED = frozenset({"balance"})
+MAPPED = frozenset({"balance", "write"})
 _ARRAY = re.compile(r"^(\d+)(?:-(\d+))?(?:%(\d+))?$")
 
 

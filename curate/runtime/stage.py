@@ -141,10 +141,11 @@ def run_map(
     executor: Any = None,
     tasks: Any = None,
     on_unit: Callable[[int], None] | None = None,
-    on_plan: Callable[[int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
 ) -> MapReport:
     """Run `stage`'s pending units of this task (`tasks`, a `TaskSlice`) on `executor`
-    (default: in this process) and record each; see the module doc."""
+    (default: in this process) and record each; see the module doc. `on_plan(units, skipped)`
+    is called once the done units are known, `on_unit(samples)` after each unit run now."""
     from curate.runtime import records
     from curate.runtime.executors import InlineExecutor, TaskSlice
 
@@ -157,8 +158,6 @@ def run_map(
     records.save_plan(folder, units, signatures)
     mine = tasks.select(units)
     report = MapReport(stage=stage.name, units=len(mine), task=tasks.label)
-    if on_plan:
-        on_plan(len(mine))
     with records.task_log(folder, tasks.label):
         todo = []
         for unit in mine:
@@ -172,6 +171,8 @@ def run_map(
             stage.name, len(mine), tasks.label, report.skipped, len(todo), executor.label,
         )  # fmt: skip
         by_name = {u.name: u for u in todo}
+        if on_plan:
+            on_plan(len(mine), report.skipped)
 
         def finished(result: dict[str, Any]) -> None:
             unit = by_name[result["unit"]]
@@ -188,5 +189,7 @@ def run_map(
 
         if todo:
             executor.run(stage, todo, folder, signatures, finished)
+    order = {u.source: i for i, u in enumerate(mine)}  # failures in plan order, any executor
+    report.failed = dict(sorted(report.failed.items(), key=lambda item: order[item[0]]))
     report.seconds = time.perf_counter() - start
     return report

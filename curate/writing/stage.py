@@ -22,6 +22,7 @@ not looked for, so it is never also missing or failed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -33,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +48,8 @@ from curate.io.tar_reader import parse_meta
 from curate.io.tar_writer import DeterministicTarWriter
 from curate.io.uid_files import UidList, read_uid_file
 from curate.runtime.atomic import atomic_path, write_atomic, write_json_atomic
+from curate.runtime.executors import TaskSlice, make_executor
+from curate.runtime.stage import MapStage, Unit, UnitFailure, run_map
 from curate.writing.plan import Entry, Source, cut_shards, order_copies, shard_fingerprint
 
 Duplicates = Literal["error", "once", "repeat"]
@@ -116,6 +119,7 @@ class WriteReport:
     duplicate_uid: int = 0
     shard_errors: dict[str, str] = field(default_factory=dict)
     truncated: dict[str, str] = field(default_factory=dict)
+    complete: bool = True  # every output shard written (False: other tasks' shards pending)
     shards: int = 0
     shards_written: int = 0
     shards_skipped: int = 0
@@ -143,14 +147,22 @@ def write_subset(
     *,
     out: Path,
     options: WriteOptions | None = None,
+    executor: Any = None,
+    tasks: TaskSlice | None = None,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> WriteReport:
     """Write the samples of `subset` found in `shards` as new shards in `out` (module doc).
 
-    `progress(shards_done, shards_total, samples_done)` is called after each output shard.
+    The output shards are the units of a map stage (`WriteStage`) run on `executor` (default:
+    `options.workers` threads); with array `tasks` each task writes its share and the one that
+    finds every shard done writes the manifest. `progress(shards_done, shards_total,
+    samples_done)` is called after each output shard of this call.
     """
     start = time.perf_counter()
     options = options or WriteOptions()
+    tasks = tasks or TaskSlice()
+    if options.overwrite and tasks.count > 1:
+        raise InputError("--overwrite deletes outputs: run it once, not in every array task")
     out = Path(out)
     if "://" in str(out):
         raise InputError(f"--out {out}: curate write writes to a local folder")
@@ -179,7 +191,7 @@ def write_subset(
     urls = resolve_shards(shards)
     report.input_shards = len(urls)
     _check_out_folder(out, urls, options.overwrite)
-    with _scratch_folder(out) as scratch:
+    with _scratch_folder(out, tasks.label) as scratch:
         # Uids with zero copies are not looked for: they count once, as zero_copies.
         wanted = {uid: n for uid, n in copies.items() if n > 0}
         indexes = _index_all(urls, set(wanted), options.workers, report, scratch)
@@ -215,47 +227,92 @@ def write_subset(
         )
         out.mkdir(parents=True, exist_ok=True)
         _remove_stale(out, len(plan))
-        _remove_temporaries(out)
+        if tasks.count == 1:  # with several tasks a neighbour's temporary file may be in use
+            _remove_temporaries(out)
         if missing:
             write_atomic(out / MISSING, lambda tmp: tmp.write_text("\n".join(missing) + "\n"))
         elif (out / MISSING).exists():
             (out / MISSING).unlink()
 
-        records: list[dict[str, Any] | None] = [None] * len(plan)
-        todo: list[tuple[int, list[Entry], str]] = []
-        for i, entries in enumerate(plan):
-            fingerprint = shard_fingerprint(entries, urls, settings, extras)
-            existing = _complete_record(out, i, fingerprint)
-            if existing is not None:
-                records[i] = existing
-                report.shards_skipped += 1
-            else:
-                todo.append((i, entries, fingerprint))
-        if todo:  # the old manifest and sizes no longer describe the tars from here on
-            for name in (MANIFEST, SIZES):
-                (out / name).unlink(missing_ok=True)
-        done_samples = sum(len(plan[i]) for i, r in enumerate(records) if r is not None)
-        done_shards = report.shards_skipped
-        if progress:
-            progress(done_shards, len(plan), done_samples)
-        limit = _open_limit(options.workers)
-        with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-            futures = []
-            for i, entries, fp in todo:
-                inputs = _Inputs(urls, paths, limit)  # opens nothing until the thread reads
-                job = pool.submit(_write_shard, out, i, entries, urls, fp, extras, inputs)
-                futures.append((i, job))
-            for i, future in futures:
-                records[i] = future.result()
-                report.shards_written += 1
-                done_shards += 1
-                done_samples += len(plan[i])
-                if progress:
-                    progress(done_shards, len(plan), done_samples)
+        stage = WriteStage(
+            out=out,
+            shards=plan,
+            urls=list(urls),
+            paths=paths,
+            fingerprints=[shard_fingerprint(e, urls, settings, extras) for e in plan],
+            extras=extras,
+            open_limit=_open_limit(options.workers),
+        )
+        done = {"shards": 0, "samples": 0, "total": len(plan)}
+
+        def planned(units: int, skipped: int) -> None:
+            done["shards"], done["total"] = skipped, units
+            if skipped < units:  # the old manifest and sizes no longer describe the tars
+                for name in (MANIFEST, SIZES):
+                    (out / name).unlink(missing_ok=True)
+            if progress:
+                progress(skipped, units, 0)
+
+        def advance(samples: int) -> None:
+            done["shards"] += 1
+            done["samples"] += samples
+            if progress:
+                progress(done["shards"], done["total"], done["samples"])
+
+        executor = executor or make_executor("local", workers=options.workers, threads=True)[0]
+        mapped = run_map(
+            stage, out, executor=executor, tasks=tasks, on_plan=planned, on_unit=advance
+        )
+    report.shards_skipped = mapped.skipped
+    report.shards_written = mapped.done_now
+    report.shard_errors.update(mapped.failed)
+    records = [_read_stats(_stats_path(out, i)) for i in range(len(plan))]
+    complete = all(
+        records[i] is not None and stage.output_present(unit) for i, unit in enumerate(stage.plan())
+    )
+    report.complete = complete
+    if not complete:  # another task's shards, or a failed one, are still to come
+        report.seconds = time.perf_counter() - start
+        return report
     report.bytes = sum(int(r["curate"]["bytes"]) for r in records if r)
     _write_manifest(out, plan, records, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+@dataclass
+class WriteStage(MapStage):
+    """Writing as a map stage: unit i is output shard i (its tar, sidecar parquet and stats)."""
+
+    name: ClassVar[str] = "write"
+    out: Path
+    shards: list[list[Entry]]  # the plan: each output shard's entries, in order
+    urls: list[str]
+    paths: list[str]  # where each input's bytes are read (a decompressed copy, or the url)
+    fingerprints: list[str]
+    extras: dict[str, list[tuple[str, bytes]]]
+    open_limit: int
+
+    def plan(self) -> list[Unit]:
+        return [Unit(f"{i:05d}", f"{i:05d}.tar") for i in range(len(self.shards))]
+
+    def signature(self, unit: Unit) -> dict[str, Any]:
+        return {"format": 1, "fingerprint": self.fingerprints[int(unit.name)]}
+
+    def output_present(self, unit: Unit) -> bool:
+        i = int(unit.name)
+        return _complete_record(self.out, i, self.fingerprints[i]) is not None
+
+    def run_unit(self, unit: Unit) -> dict[str, Any]:
+        i = int(unit.name)
+        inputs = _Inputs(self.urls, self.paths, self.open_limit)  # its own handles, LRU-bound
+        try:
+            stats = _write_shard(
+                self.out, i, self.shards[i], self.urls, self.fingerprints[i], self.extras, inputs
+            )
+        except ShardOpenError as exc:  # an input vanished or changed under us
+            raise UnitFailure(str(exc)) from exc
+        return {"samples": len(self.shards[i]), "bytes": int(stats["curate"]["bytes"])}
 
 
 def _copies_per_uid(uid_list: UidList, options: WriteOptions) -> dict[str, int]:
@@ -387,17 +444,20 @@ def _index_all(
 
 
 @contextmanager
-def _scratch_folder(out: Path) -> Iterator[Path]:
-    """OUT/.scratch, for decompressed copies of compressed shards: a killed run's leftovers go
-    first, and the folder goes at the end, also on error (with OUT, if this run made it and it
-    holds nothing else)."""
-    scratch = out / SCRATCH
+def _scratch_folder(out: Path, task: str) -> Iterator[Path]:
+    """OUT/.scratch/TASK, for decompressed copies of compressed shards (one per array task, so
+    tasks never delete each other's): a killed run's leftovers go first, and the folder goes at
+    the end, also on error (with OUT, if this run made it and it holds nothing else)."""
+    scratch = out / SCRATCH / task
     made_out = not out.exists()
-    shutil.rmtree(scratch, ignore_errors=True)
+    # alone (not one task of an array), every leftover is a killed run's
+    shutil.rmtree(out / SCRATCH if task == TaskSlice().label else scratch, ignore_errors=True)
     try:
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (out / SCRATCH).rmdir()  # only when no other task's copies are there
         if made_out and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
 
