@@ -25,7 +25,7 @@ from curate.errors import InputError
 from curate.rewrite.backends import OpenAIBackend, RulesBackend
 from curate.rewrite.engine import EngineOptions, RewriteAborted
 from curate.rewrite.prompts import load_prompts
-from curate.rewrite.stage import CACHE_FILE, REWRITES_DIR, RewriteOptions, rewrite_source
+from curate.rewrite.stage import CACHE_DIR, REWRITES_DIR, RewriteOptions, rewrite_source
 from curate.rewrite.validate import check_rewrite
 
 FAST = EngineOptions(concurrency=16, backoff=0.001, max_backoff=0.01, max_retries=8)
@@ -310,7 +310,7 @@ def test_killed_run_resumes_without_resending(tmp_path: Path) -> None:
         proc.wait()
         first = stub.ok_responses
         assert 0 < first < total
-        assert (out / CACHE_FILE).is_file()
+        assert list((out / CACHE_DIR).glob("*.sqlite"))
         stub.reset_counters()
         stub.config = StubConfig()
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)

@@ -30,7 +30,7 @@ from curate.rewrite.cache import CachedResult, RequestCache
 from curate.rewrite.engine import EngineOptions, Job, RewriteAborted, run_jobs_async
 from curate.rewrite.prompts import load_prompts
 from curate.rewrite.stage import (
-    CACHE_FILE,
+    LEGACY_CACHE_FILE,
     REWRITES_DIR,
     RewriteOptions,
     _setting,
@@ -102,7 +102,11 @@ def test_repeated_uids_are_marked_duplicate_first_occurrence_wins(tmp_path: Path
     assert statuses == ["ok", "ok", "ok", "failed", "ok", "failed"]
     for row in (rows[3], rows[5]):
         assert row["error"].startswith("duplicate_uid:") and row["rewrites"] == []
-    assert asked == set(first) | {"an old man reading"}  # duplicates are never sent
+        assert row["reasons"] == []
+    assert "earlier unit (00000)" in rows[3]["error"] and "earlier in the unit" in rows[5]["error"]
+    # Units are independent: a repeat in a later unit is sent (the reduce fails it afterwards);
+    # a repeat within a unit never is.
+    assert asked == set(first) | {"a blue boat on a lake", "an old man reading"}
     assert rewrites_belong_to_captions(table.filter(pl.col("status") == "ok"))
     assert report.samples_failed == 2 and report.ok == 4
 
@@ -159,7 +163,7 @@ def test_cache_rows_of_the_old_key_format_are_misses(tmp_path: Path) -> None:
     old = hashlib.blake2b(f"{setting}\x00{uid(1)}\x000".encode(), digest_size=16).hexdigest()
     out = tmp_path / "out"
     out.mkdir()
-    cache = RequestCache(out / CACHE_FILE)
+    cache = RequestCache(out / LEGACY_CACHE_FILE)
     cache.put(old, CachedResult("a red automobile parked on a street", None, 1))
     cache.close()
     report = rewrite_source(str(path), backend, load_prompts(), out, options)

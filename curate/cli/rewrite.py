@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from curate.cli import options as opt
-from curate.cli.report import print_json, rewrite_summary, warn_shard_problems
+from curate.cli.report import print_json, rewrite_summary, stdout_console, warn_shard_problems
 from curate.errors import InputError
 
 
@@ -24,6 +25,20 @@ class ApiChoice(str, Enum):
     completions = "completions"
 
 
+RewriteWorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        min=1,
+        help="Units rewritten at once on this machine (processes). Each sends up to "
+        "--concurrency requests, so N workers keep up to N × --concurrency in flight; raise "
+        "--concurrency first. --backend vllm: 1 (one model per GPU; spread over GPUs with "
+        "--executor ray).",
+        rich_help_panel="Cluster",
+    ),
+]
+
+
 def rewrite_command(
     sources: opt.CaptionSources,
     out: Annotated[
@@ -31,7 +46,9 @@ def rewrite_command(
         typer.Option(
             "--out",
             "-o",
-            help="Output folder: rewrites/<unit>.parquet, cache.sqlite (resume), rewrite.json.",
+            help="Output folder: rewrites/<unit>.parquet, cache/<unit>.sqlite (finished "
+            "requests, for resuming), rewrite.json, .curate/rewrite/ (unit records and logs). "
+            "Rerunning into it resumes.",
             rich_help_panel="Output",
         ),
     ] = Path("curate-rewrites"),
@@ -70,7 +87,8 @@ def rewrite_command(
         typer.Option(
             "--api-key-env",
             help="Environment variable holding the API key (sent as a Bearer token; never "
-            "printed or written).",
+            "printed, written or passed to workers): it is read where the requests are sent, so "
+            "set it wherever workers run (Ray nodes, array tasks).",
             rich_help_panel="Backend",
         ),
     ] = "OPENAI_API_KEY",
@@ -148,6 +166,11 @@ def rewrite_command(
             rich_help_panel="Robustness",
         ),
     ] = 0.5,
+    executor: opt.ExecutorOpt = opt.ExecutorChoice.local,
+    ray_address: opt.RayAddressOpt = None,
+    num_tasks: opt.NumTasksOpt = None,
+    task_index: opt.TaskIndexOpt = None,
+    workers: RewriteWorkersOpt = 1,
     no_progress: opt.NoProgressOpt = False,
     as_json: opt.JsonOpt = False,
 ) -> None:
@@ -155,6 +178,11 @@ def rewrite_command(
     drawn per caption (seeded) from example banks in several styles, then the caption. Every
     sample ends with its rewrites or a recorded reason. Results are cached per request, so a
     rerun (after a crash, kill or server outage) sends only what is missing.
+
+    Units (shards, tables) are independent: run them on processes (--workers), Ray
+    (--executor ray) or as array tasks (--executor array --num-tasks K). A uid repeated in a
+    later unit is marked duplicate_uid once every unit is done (by whichever call finds them
+    all done); its requests are sent all the same.
     """
     from curate.rewrite.backends import (
         OpenAIBackend,
@@ -166,6 +194,7 @@ def rewrite_command(
     from curate.rewrite.engine import EngineOptions
     from curate.rewrite.prompts import load_prompts
     from curate.rewrite.stage import RewriteOptions, rewrite_source
+    from curate.runtime.executors import make_executor
     from curate.runtime.progress import progress_bar
 
     # Every setting is checked (by the library) before prompts are read or a model loads.
@@ -182,6 +211,18 @@ def rewrite_command(
             seed=seed,
         ),
         seed=seed,
+    )
+    if backend is BackendChoice.vllm and workers > 1 and executor is not opt.ExecutorChoice.ray:
+        raise InputError(
+            "--backend vllm loads the model in every worker: use --workers 1, or --executor ray "
+            "(one GPU per unit)"
+        )
+    runner, tasks = make_executor(
+        executor.value,
+        workers=workers,
+        ray_address=ray_address,
+        num_tasks=num_tasks,
+        task_index=task_index,
     )
     template = load_prompts(prompts)
     if backend is BackendChoice.vllm:
@@ -212,9 +253,9 @@ def rewrite_command(
     with progress_bar("rewriting", total_shards=0, enabled=not no_progress) as bar:
         state = {"units": 0, "done": 0, "samples": 0}
 
-        def on_units(units: int, _requests: int) -> None:
-            state["units"] = units
-            bar.set(0, units, 0)
+        def on_units(units: int, skipped: int) -> None:
+            state["units"], state["done"] = units, skipped
+            bar.set(skipped, units, 0)
 
         def on_unit(samples: int) -> None:
             state["done"] += 1
@@ -229,6 +270,8 @@ def rewrite_command(
             options,
             caption_column=caption_column,
             where=where,
+            executor=runner,
+            tasks=tasks,
             on_unit=on_unit,
             on_units=on_units,
         )
@@ -237,5 +280,15 @@ def rewrite_command(
         print_json(report.to_json())
     else:
         rewrite_summary(report)
+        if not report.complete:
+            stdout_console.print(
+                f"[yellow]{report.pending_units} units are not done yet[/yellow] (other array "
+                "tasks): the counts above are this task's; duplicate uids across units are "
+                "marked and rewrite.json written by the call that finds every unit done (any "
+                f"rerun then, which skips the done units); `curate status {escape(str(out))}` "
+                "shows what is left",
+                highlight=False,
+                soft_wrap=True,
+            )
     if report.shard_errors:
         raise typer.Exit(1)

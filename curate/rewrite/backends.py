@@ -10,6 +10,12 @@ The API key is sent as a Bearer token and never shown: every error detail taken 
 (bodies, connection errors) has the key and any ``Authorization`` value or Bearer token in it
 replaced by ``<redacted>`` before it is shortened, so no message, cached reason or log holds it.
 
+Backends are plain data that pickle to the stage's worker processes and Ray workers: the HTTP
+session is made in the worker's event loop, and the API key is read from its environment
+variable (``--api-key-env``) where the requests are sent, never carried in the pickle, so the
+variable must be set wherever workers run. vLLM's model loads on the first request of each
+worker process.
+
 In-process vLLM (`--backend vllm`, extra `curate[vllm]`) runs the model inside this process on
 a GPU node: requests are gathered into batches for `vllm.LLM.chat` / `generate`. vLLM is
 imported only when chosen.
@@ -174,22 +180,29 @@ class OpenAIBackend:
         self.api = api
         self.params = params or SamplingParams()
         self.seed = seed
-        self._headers = {"Content-Type": "application/json"}
-        key = os.environ.get(api_key_env) if api_key_env else None
-        self._secrets = (key,) if key else ()  # redacted from every error detail
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"  # never logged or written anywhere
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self.api_key_env = api_key_env
+        self.timeout = timeout
         self._concurrency = concurrency
+        self._secrets: tuple[str, ...] = ()  # redacted from every error detail
         self._session: aiohttp.ClientSession | None = None  # made inside the event loop
+
+    def __getstate__(self) -> dict[str, Any]:
+        """No session and no key in a pickle: the worker makes its own and reads the key from
+        its environment."""
+        return {**self.__dict__, "_session": None, "_secrets": ()}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            headers = {"Content-Type": "application/json"}
+            key = os.environ.get(self.api_key_env) if self.api_key_env else None
+            self._secrets = (key,) if key else ()
+            if key:
+                headers["Authorization"] = f"Bearer {key}"  # never logged or written anywhere
             # aiohttp, not httpx: httpx's connection pool scans every connection per request
             # and fell to 0.34 of the ideal rate at 64 requests in flight.
             self._session = aiohttp.ClientSession(
-                headers=self._headers,
-                timeout=self._timeout,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
                 connector=aiohttp.TCPConnector(limit=self._concurrency),
             )
         return self._session
@@ -275,6 +288,17 @@ class RulesBackend:
         return None
 
 
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise InputError(
+            "--backend vllm needs vLLM here: pip install 'curate[vllm]' on a GPU node, or "
+            "run `vllm serve MODEL` and use --backend openai --base-url http://HOST:8000/v1"
+        ) from exc
+    return vllm
+
+
 class VLLMBackend:
     """vLLM in this process; concurrent `generate` calls are batched (up to `max_batch`)."""
 
@@ -291,28 +315,34 @@ class VLLMBackend:
         max_batch: int = 256,
         engine_args: dict[str, Any] | None = None,
     ) -> None:
-        try:
-            import vllm
-        except ImportError as exc:
-            raise InputError(
-                "--backend vllm needs vLLM here: pip install 'curate[vllm]' on a GPU node, or "
-                "run `vllm serve MODEL` and use --backend openai --base-url http://HOST:8000/v1"
-            ) from exc
-        self._vllm = vllm
+        _import_vllm()
         self.model = model
         self.template = template
         self.api = api
         self.params = params or SamplingParams()
         self.seed = seed
         self.max_batch = max_batch
-        self._llm = vllm.LLM(model=model, seed=seed, **(engine_args or {}))
+        self.engine_args = dict(engine_args or {})
+        self._vllm: Any = None
+        self._llm: Any = None  # loaded on the first request, in the process that sends it
         self._queue: list[tuple[Any, Any, asyncio.Future[str]]] = []
         self._flush: asyncio.Task[None] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The settings only: each worker process loads its own model."""
+        return {**self.__dict__, "_vllm": None, "_llm": None, "_queue": [], "_flush": None}
+
+    def _engine(self) -> Any:
+        if self._llm is None:
+            self._vllm = _import_vllm()
+            self._llm = self._vllm.LLM(model=self.model, seed=self.seed, **self.engine_args)
+        return self._llm
 
     def identity(self) -> str:
         return f"vllm:{self.api}:{self.model}"
 
     def _sampling(self, uid: str, index: int, attempt: int) -> Any:
+        self._engine()
         return self._vllm.SamplingParams(
             temperature=self.params.temperature,
             top_p=self.params.top_p,
@@ -342,7 +372,8 @@ class VLLMBackend:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             prompts = [p for p, _, _ in batch]
             sampling = [s for _, s, _ in batch]
-            run = self._llm.chat if self.api == "chat" else self._llm.generate
+            llm = self._engine()
+            run = llm.chat if self.api == "chat" else llm.generate
             try:
                 outputs = await asyncio.to_thread(run, prompts, sampling)
                 texts = [out.outputs[0].text for out in outputs]
