@@ -193,3 +193,24 @@ def test_a_ray_worker_killed_mid_unit_is_retried(ray_local: object, tmp_path: Pa
     assert _outputs(out) == _expected(5)
     done = json.loads((out / ".curate/squares/done/00002.json").read_text())
     assert done["stats"] == {"samples": 2}
+
+
+def test_cpu_stages_do_not_import_torch() -> None:
+    """select, write and balance (and the runtime) load without torch (issue 14)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import curate.cli.app, curate.selection.stage, curate.writing.stage, "
+        "curate.balance.stage, curate.runtime.executors, curate.runtime.status; "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    from dataclasses import fields
+
+    from curate.selection.normsim_d import DEFAULT_ROUNDS
+    from curate.selection.stage import SelectSpec
+
+    rounds = next(f.default for f in fields(SelectSpec) if f.name == "normsim2d_rounds")
+    assert rounds == DEFAULT_ROUNDS

@@ -18,6 +18,10 @@ def embed_command(
     batch_size: opt.BatchSizeOpt = 256,
     workers: opt.WorkersOpt = None,
     max_pixels: opt.MaxPixelsOpt = opt.DEFAULT_MAX_PIXELS,
+    executor: opt.ExecutorOpt = opt.ExecutorChoice.local,
+    ray_address: opt.RayAddressOpt = None,
+    num_tasks: opt.NumTasksOpt = None,
+    task_index: opt.TaskIndexOpt = None,
     no_progress: opt.NoProgressOpt = False,
     as_json: opt.JsonOpt = False,
 ) -> int:
@@ -25,9 +29,18 @@ def embed_command(
 
     Example: [bold]curate embed 'shards/{00000..00127}.tar' --out run/ --model ViT-B-32
     --pretrained openai[/bold]
+
+    On a cluster: --executor ray runs one Ray task per shard (with a GPU when the model runs on
+    CUDA; --workers decoding processes each), --executor array --num-tasks K runs as task i of K
+    (shards i, i+K, ...; see `curate slurm`). Every task writes into the same run folder, on a
+    filesystem they share.
     """
     from curate.embedding.stage import prepare_run
+    from curate.runtime.executors import make_executor
 
+    runner, tasks = make_executor(
+        executor.value, ray_address=ray_address, num_tasks=num_tasks, task_index=task_index
+    )  # local: this process streams the shards through --workers decoding processes
     prepared = prepare_run(
         shards,
         out,
@@ -39,6 +52,8 @@ def embed_command(
         num_workers=workers,
         max_pixels=max_pixels,
         progress=not no_progress,
+        executor=runner,
+        tasks=tasks,
     )
     report = prepared.report
     warn_shard_problems(report.shard_errors, report.truncated)

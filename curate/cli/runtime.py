@@ -75,10 +75,12 @@ def slurm_command(
         bool, typer.Option("--submit", help="Submit with sbatch (default: print the scripts).")
     ] = False,
 ) -> int:
-    """Run a curate command as a Slurm job array: the map as --array tasks, each running its
-    share of the units (--executor array), and the reduce (balance --phase sample) as a job
-    that starts when every task succeeded (--dependency=afterok). Requeue-safe: a requeued
-    task skips the units already done. Put the command after `--`.
+    """Run a curate command (balance, embed, score, write, rewrite) as a Slurm job array: the
+    map as --array tasks, each running its share of the units (--executor array), and the
+    reduce (balance --phase sample; for score, write and rewrite a plain rerun that scores,
+    writes the manifest or marks repeated uids) as a job that starts when every task succeeded
+    (--dependency=afterok). Requeue-safe: a requeued task skips the units already done. Put the
+    command after `--`.
 
     Example: curate slurm --array 0-63 --submit -- balance shards/ -m metadata.json -o bal/
     """

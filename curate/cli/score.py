@@ -111,6 +111,10 @@ def score_command(
     batch_size: opt.BatchSizeOpt = 256,
     workers: opt.WorkersOpt = None,
     max_pixels: opt.MaxPixelsOpt = opt.DEFAULT_MAX_PIXELS,
+    executor: opt.ExecutorOpt = opt.ExecutorChoice.local,
+    ray_address: opt.RayAddressOpt = None,
+    num_tasks: opt.NumTasksOpt = None,
+    task_index: opt.TaskIndexOpt = None,
     no_progress: opt.NoProgressOpt = False,
     as_json: opt.JsonOpt = False,
 ) -> int:
@@ -121,8 +125,19 @@ def score_command(
       [bold]curate score shards/ --metric negclip --metric clipscore[/bold]
 
       [bold]curate score curate-run/ -m normsim --target imagenet-shards/ --normsim-p inf[/bold]
+
+    On a cluster the embedding is the part that spreads: --executor ray embeds one shard per
+    Ray task (the --target shards too), then scores here. Scores are a reduce over the whole
+    run, so with --executor array --num-tasks K each task only embeds its share (shards i,
+    i+K, ...) and stops; once every task is done, [bold]curate score RUN[/bold] (one process)
+    embeds nothing more and scores. `curate slurm -- score ...` submits both.
     """
+    from rich.markup import escape
+
+    from curate.cli.report import embed_summary
     from curate.embedding.stage import prepare_run, prepare_target
+    from curate.runtime.executors import make_executor
+    from curate.runtime.progress import stderr_console
     from curate.scoring.stage import NegclipOptions, NormsimOptions, score_run
 
     p = _parse_p(normsim_p)
@@ -134,6 +149,9 @@ def score_command(
         "max_pixels": max_pixels,
         "progress": not no_progress,
     }
+    runner, tasks = make_executor(
+        executor.value, ray_address=ray_address, num_tasks=num_tasks, task_index=task_index
+    )
     prepared = prepare_run(
         inputs,
         out,
@@ -141,12 +159,34 @@ def score_command(
         pretrained=pretrained,
         device=device,
         precision=precision.value,
+        executor=runner,
+        tasks=tasks,
         **embed_options,
     )
+    if tasks.count > 1:  # an array task: its share is embedded, scoring waits for every task
+        embedded = prepared.report
+        warn_shard_problems(embedded.shard_errors, embedded.truncated)
+        flags = " ".join(f"-m {m.value}" for m in dict.fromkeys(metric))
+        then = escape(f"curate score {prepared.run.path} {flags}")
+        if as_json:
+            print_json({**embedded.__dict__, "run_dir": str(embedded.run_dir), "scored": False})
+        else:
+            embed_summary(embedded)
+        stderr_console.print(
+            f"{tasks.label} embedded its share of the shards; once every task is done, run "
+            f"[bold]{then}[/bold] (one process, with your other scoring options) to score",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if embedded.shard_errors:
+            raise typer.Exit(1)
+        return 0
     metrics = list(dict.fromkeys(m.value for m in metric))
     target_run = None
     if target is not None and Metric.normsim.value in metrics:
-        target_run = prepare_target(target, prepared.run, prepared.spec, **embed_options)
+        target_run = prepare_target(
+            target, prepared.run, prepared.spec, executor=runner, **embed_options
+        )
     dev = None if device == "auto" else device
     with scoring_status(f"computing {', '.join(metrics)}", enabled=not no_progress):
         report = score_run(

@@ -1,8 +1,11 @@
 """The embed stage: shards in, one embedding table per shard out, resumable.
 
-Workers (see `loader`) decode and preprocess; this process runs the model and writes each shard
-as soon as all of its parts have arrived. The model is only loaded when some shard still needs
-embedding, so re-scoring a finished run costs no model load.
+Embedding is a map stage on the runtime (`EmbedStage`, one unit per input shard): local runs
+stream every pending shard through one DataLoader, whose workers (see `loader`) decode and
+preprocess while this process runs the model and writes each shard as soon as all of its parts
+have arrived; Ray runs one task per shard (a GPU each on CUDA); array tasks take their share.
+The model is only loaded when some shard still needs embedding (or run.json does not name the
+model asked for), so re-scoring a finished run costs no model load.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,11 +32,20 @@ from curate.embedding.loader import (
     make_loader,
     plan_units,
 )
-from curate.embedding.store import RunFolder, source_signature
+from curate.embedding.store import RunFolder, ShardRecord, source_signature
 from curate.errors import InputError, RunFolderError
 from curate.io.shards import resolve_shards
 from curate.models.loading import LoadedModel, Precision, load_model
+from curate.runtime import records
+from curate.runtime.executors import TaskSlice
 from curate.runtime.progress import progress_bar
+from curate.runtime.stage import MapStage, Resources, Unit, UnitFailure, run_map
+
+EMBED_FORMAT = 1
+# What of the model record a table depends on (its name and tag only say where weights came from)
+_TABLE_MODEL_KEYS = (
+    "architecture", "fingerprint", "precision", "embed_dim", "preprocess", "context_length",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,8 +62,15 @@ class ModelSpec:
         return _load_cached(self)
 
     def matches(self, recorded: dict[str, object]) -> bool:
-        """Does this spec name the model a run recorded (same config and same weights file)?"""
-        return (self.model, self.pretrained) == (recorded.get("model"), recorded.get("pretrained"))
+        """Does this spec name the model a run recorded (same config and same weights file)?
+        ``none`` and no tag are the same random weights, as `load_model` reads them."""
+        pretrained = recorded.get("pretrained")
+        theirs = (recorded.get("model"), _tag(pretrained if isinstance(pretrained, str) else None))
+        return (self.model, _tag(self.pretrained)) == theirs
+
+
+def _tag(pretrained: str | None) -> str | None:
+    return None if pretrained in (None, "", "none") else pretrained
 
 
 def normalize_model_ref(value: str | None) -> str | None:
@@ -79,6 +100,7 @@ class EmbedReport:
     truncated: dict[str, str] = field(default_factory=dict)  # url -> tar error
     seconds: float = 0.0
     model_record: dict | None = None
+    task: str = "local"  # the array task whose share this reports (shards_total: its units)
 
 
 @dataclass
@@ -135,6 +157,174 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+def unit_resources(spec: ModelSpec, workers: int) -> Resources:
+    """What one shard needs where units are scheduled (Ray): its decoding workers' CPUs, and a
+    GPU when the model runs on CUDA (``auto`` means CUDA where this process sees one)."""
+    cuda = torch.cuda.is_available() if spec.device == "auto" else spec.device.startswith("cuda")
+    return Resources(cpus=float(max(1, workers)), gpus=1.0 if cuda else 0.0)
+
+
+@dataclass
+class EmbedStage(MapStage):
+    """Embedding as a map stage: one unit per input shard (its run stem, its url), whose output
+    is RUN/embeddings/<stem>.parquet and its completion record (`RunFolder.write_shard`).
+
+    In this process (`run_units`) one DataLoader streams every pending shard's parts through the
+    model and a shard is written as soon as its last part arrives; elsewhere (a Ray task) a unit
+    is one shard with its own DataLoader (`run_unit`). The table depends on the shard (url,
+    source signature), the model (weights fingerprint, precision, preprocessing) and max_pixels:
+    the signature. Batch size and worker count do not change which samples share a batch.
+    """
+
+    name: ClassVar[str] = "embed"
+    run: RunFolder
+    spec: ModelSpec
+    model_record: dict[str, Any]  # the run's model (run.json): what the tables are made with
+    urls: list[str]
+    stems: dict[str, str]  # url -> stem
+    sources: dict[str, dict[str, str] | None]  # url -> source signature, taken before reading
+    trusted: str | None = None  # fingerprint a table must carry to be kept (None: a new run.json)
+    batch_size: int = 256
+    workers: int = 0  # decoding processes per DataLoader
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    resources: Resources = field(default_factory=Resources)  # per instance: a GPU or not
+    model: LoadedModel | None = field(default=None, repr=False, compare=False)
+    on_samples: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "model": None, "on_samples": None}  # workers load their own
+
+    def plan(self) -> list[Unit]:
+        return [Unit(self.stems[url], url) for url in self.urls]
+
+    def signature(self, unit: Unit) -> dict[str, Any]:
+        return {
+            "format": EMBED_FORMAT,
+            "url": unit.source,
+            "stem": unit.name,
+            "source": self.sources[unit.source],
+            "model": {key: self.model_record.get(key) for key in _TABLE_MODEL_KEYS},
+            "max_pixels": self.max_pixels,
+        }
+
+    def output_present(self, unit: Unit) -> bool:
+        """`RunFolder.is_complete`: record, source, weights and table size still agree."""
+        return self.run.is_complete(unit.name, unit.source, self.trusted)
+
+    def setup(self) -> None:
+        """Load the model (once per process) and refuse other weights or another precision than
+        the run's."""
+        if self.model is None:
+            self.model = self.spec.load()
+        self.run.ensure_same_model(self.model.record(), embedding=True)
+
+    def run_unit(self, unit: Unit) -> dict[str, Any]:
+        ((_, outcome),) = list(self.run_units([unit]))
+        if isinstance(outcome, UnitFailure):
+            raise outcome
+        return outcome
+
+    def run_units(
+        self, units: Sequence[Unit]
+    ) -> Iterator[tuple[Unit, dict[str, Any] | UnitFailure]]:
+        """Decode `units` with one DataLoader (shards cut into parts when there are fewer shards
+        than workers), encode in this process, write each shard once all its parts are in."""
+        if self.model is None:
+            self.setup()
+        model = self.model
+        assert model is not None
+        work = plan_units([u.source for u in units], list(range(len(units))), self.workers)
+        dataset = DecodeDataset(
+            work,
+            model.preprocess,
+            model.tokenizer,
+            batch_size=self.batch_size,
+            max_pixels=self.max_pixels,
+        )
+        loader = make_loader(dataset, self.workers, pin_memory=model.device.type == "cuda")
+        parts = work[0].parts if work else 1
+        states = {i: _ShardState(parts=parts) for i in range(len(units))}
+        with _cpu_threads_beside(self.workers, model.device):
+            for batch in loader:
+                image = text = None
+                if batch.pixels is not None and batch.tokens is not None:
+                    img_t, txt_t = model.encode(batch.pixels, batch.tokens)
+                    image = img_t.numpy().astype(np.float16)
+                    text = txt_t.numpy().astype(np.float16)
+                state = states[batch.shard_index]
+                state.add(batch, image, text)
+                if self.on_samples is not None:
+                    self.on_samples(len(batch.rows))
+                if state.done_parts == state.parts:
+                    del states[batch.shard_index]
+                    unit = units[batch.shard_index]
+                    yield unit, self._finish(unit, state, model)
+
+    def _finish(
+        self, unit: Unit, state: _ShardState, model: LoadedModel
+    ) -> dict[str, Any] | UnitFailure:
+        if state.error is not None:
+            return UnitFailure(state.error)
+        rows, image, text = state.assemble(unit.name, model.embed_dim)
+        record = self.run.write_shard(
+            unit.name,
+            unit.source,
+            rows,
+            image,
+            text,
+            fingerprint=model.fingerprint,
+            source=self.sources[unit.source],
+            truncated=state.truncated,
+        )
+        return _stats(record)
+
+
+def _stats(record: ShardRecord) -> dict[str, Any]:
+    return {"samples": record.read, "ok": record.ok, "failed": record.failed, "bytes": record.bytes}
+
+
+def _sources(run: RunFolder, urls: list[str], stems: dict[str, str]) -> dict[str, Any]:
+    """Each shard's source signature now; one that cannot be stat'ed (moved, offline) counts as
+    the one its table recorded, so its embeddings are kept (`RunFolder.is_complete`)."""
+    sources: dict[str, Any] = {}
+    for url in urls:
+        now = source_signature(url)
+        if now is None:
+            shard = run.read_shard_record(stems[url])
+            now = shard.source if shard is not None and shard.url == url else None
+        sources[url] = now
+    return sources
+
+
+_TEMPORARY = re.compile(r"^\..+\.(parquet|json)\.[0-9a-f]{8}\.tmp$")  # atomic_path's
+
+
+def _remove_temporaries(run: RunFolder) -> None:
+    """Delete the temporary files (``atomic_path``'s) of tables, their records and run.json that
+    an earlier, killed run left behind."""
+    folders = [run.embeddings_dir, run.path]
+    for path in (p for folder in folders if folder.is_dir() for p in folder.iterdir()):
+        if _TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def _adopt_complete_tables(stage: EmbedStage, tasks: TaskSlice) -> None:
+    """Give a completion record to each table of this task's share that is complete but was
+    never recorded by the runtime (a run folder made before embedding ran on it, lost .curate
+    records, a kill between the table's record and the runtime's), so it is not embedded again.
+    Such a table counts as made with this call's max_pixels (earlier records did not hold it)."""
+    folder = records.stage_folder(stage.run.path, stage.name)
+    for unit in tasks.select(stage.plan()):
+        if records.read_done(folder, unit) is not None:
+            continue
+        if records.read_failed(folder, unit) is not None or not stage.output_present(unit):
+            continue
+        shard = stage.run.read_shard_record(unit.name)
+        assert shard is not None  # output_present read it
+        signature = records.signature_hash(stage.signature(unit))
+        records.write_done(folder, unit, signature, _stats(shard), 0.0)
+
+
 def embed_shards(
     urls: list[str],
     run: RunFolder,
@@ -145,91 +335,80 @@ def embed_shards(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     loaded: LoadedModel | None = None,
+    executor: Any = None,
+    tasks: TaskSlice | None = None,
 ) -> EmbedReport:
-    """Embed every shard of `urls` that `run` does not hold yet."""
+    """Embed every shard of `urls` (this task's share of them: `tasks`) that `run` does not hold
+    yet, as the units of an `EmbedStage` on `executor` (default: this process, streaming).
+
+    run.json (the model record and the url -> stem map of every shard of `urls`) is written
+    before any unit runs; every array task computes the same record and map, so concurrent tasks
+    replace it with the same bytes. The model is loaded here only to learn its fingerprint when
+    run.json does not name the asked-for model; units load it where they run, so a run whose
+    shards are all complete costs no model load.
+    """
     start = time.perf_counter()
+    tasks = tasks or TaskSlice()
     urls = list(dict.fromkeys(urls))
     stems = run.assign_stems(urls)
-    report = EmbedReport(run_dir=run.path, shards_total=len(urls))
     record = run.read_record()
-    fingerprint = record["model"]["fingerprint"] if record else None
-    pending = [u for u in urls if not run.is_complete(stems[u], u, fingerprint)]
-    report.shards_skipped = len(urls) - len(pending)
-    if record is not None and not pending:
-        recorded = record["model"]
-        if loaded is None and not spec.matches(recorded):
-            loaded = spec.load()  # asked for other weights than recorded: compare fingerprints
-        if loaded is not None:
+    recorded = record["model"] if record else None
+    if recorded is not None and loaded is None and spec.matches(recorded):
+        model_record = recorded
+    else:  # a new run, or other weights asked for than recorded: compare fingerprints
+        loaded = loaded or spec.load()
+        if recorded is not None:
             run.ensure_same_model(loaded.record(), embedding=False)
-        run.bind_model(recorded, {stems[u]: u for u in urls}, embedding=False)
-        report.model_record = recorded
-        _count_existing(run, [stems[u] for u in urls], report)
-        report.seconds = time.perf_counter() - start
-        return report
-
-    model = loaded or spec.load()
-    report.model_record = model.record()
-    run.bind_model(report.model_record, {stems[u]: u for u in urls}, embedding=True)
-    sources = {u: source_signature(u) for u in pending}  # before reading: changes show up later
+        model_record = recorded or loaded.record()
+    run.bind_model(model_record, {stems[u]: u for u in urls}, embedding=False)
+    if tasks.count == 1:  # with several tasks a neighbour's temporary file may be in use
+        _remove_temporaries(run)
     workers = default_workers() if num_workers is None else num_workers
-    units = plan_units(pending, list(range(len(pending))), workers)
-    dataset = DecodeDataset(
-        units, model.preprocess, model.tokenizer, batch_size=batch_size, max_pixels=max_pixels
+    stage = EmbedStage(
+        run=run,
+        spec=spec,
+        model_record=model_record,
+        urls=urls,
+        stems=stems,
+        sources=_sources(run, urls, stems),
+        trusted=recorded["fingerprint"] if recorded else None,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        resources=unit_resources(spec, workers),
+        model=loaded,
     )
-    loader = make_loader(dataset, workers, pin_memory=model.device.type == "cuda")
-    states = {i: _ShardState(parts=units[0].parts) for i in range(len(pending))}
-    with (
-        _cpu_threads_beside(workers, model.device),
-        progress_bar("embedding", total_shards=len(pending), enabled=progress) as bar,
-    ):
-        for batch in loader:
-            image = text = None
-            if batch.pixels is not None and batch.tokens is not None:
-                img_t, txt_t = model.encode(batch.pixels, batch.tokens)
-                image = img_t.numpy().astype(np.float16)
-                text = txt_t.numpy().astype(np.float16)
-            state = states[batch.shard_index]
-            state.add(batch, image, text)
-            bar.advance_samples(len(batch.rows))
-            if state.done_parts == state.parts:
-                url = pending[batch.shard_index]
-                _finish_shard(run, stems[url], url, state, model, sources[url], report)
-                del states[batch.shard_index]
-                bar.advance_shard()
-    _count_existing(run, [stems[u] for u in urls if u not in sources], report)
+    _adopt_complete_tables(stage, tasks)
+    with progress_bar("embedding", total_shards=None, enabled=progress) as bar:
+        finished = {"samples": 0}
+
+        def planned(units: int, skipped: int) -> None:
+            bar.set_total_shards(units - skipped)
+
+        def unit_done(samples: int) -> None:
+            bar.advance_shard()
+            finished["samples"] += samples
+            if finished["samples"] > bar.samples:  # units that ran elsewhere (Ray)
+                bar.advance_samples(finished["samples"] - bar.samples)
+
+        stage.on_samples = bar.advance_samples
+        mapped = run_map(
+            stage, run.path, executor=executor, tasks=tasks, on_unit=unit_done, on_plan=planned
+        )
+    report = EmbedReport(
+        run_dir=run.path,
+        shards_total=mapped.units,
+        shards_skipped=mapped.skipped,
+        shards_embedded=mapped.done_now,
+        shard_errors=dict(mapped.failed),
+        model_record=model_record,
+        task=mapped.task,
+    )
+    _count_existing(
+        run, [u.name for u in tasks.select(stage.plan()) if u.name in mapped.stats], report
+    )
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _finish_shard(
-    run: RunFolder,
-    stem: str,
-    url: str,
-    state: _ShardState,
-    model: LoadedModel,
-    source: dict[str, str] | None,
-    report: EmbedReport,
-) -> None:
-    if state.error is not None:
-        report.shard_errors[url] = state.error
-        return
-    rows, image, text = state.assemble(stem, model.embed_dim)
-    record = run.write_shard(
-        stem,
-        url,
-        rows,
-        image,
-        text,
-        fingerprint=model.fingerprint,
-        source=source,
-        truncated=state.truncated,
-    )
-    report.shards_embedded += 1
-    report.samples_read += record.read
-    report.samples_ok += record.ok
-    report.samples_failed += record.failed
-    if state.truncated:
-        report.truncated[url] = state.truncated
 
 
 def _count_existing(run: RunFolder, stems: list[str], report: EmbedReport) -> None:
@@ -252,7 +431,7 @@ class PreparedRun:
     """A run folder whose shards are all embedded (as far as they could be opened)."""
 
     run: RunFolder
-    stems: list[str]  # complete shards, in input order
+    stems: list[str]  # complete shards (of this task's share), in input order
     spec: ModelSpec
     report: EmbedReport
 
@@ -266,9 +445,13 @@ def prepare_run(
     device: str = "auto",
     precision: Precision = "auto",
     default_out: Path = Path("curate-run"),
+    executor: Any = None,
+    tasks: TaskSlice | None = None,
     **embed_options: object,
 ) -> PreparedRun:
-    """Open a run folder (given directly, or `out` for shard inputs) and embed what is missing.
+    """Open a run folder (given directly, or `out` for shard inputs) and embed what is missing
+    (on `executor`; with array `tasks`, this task's share only: scoring then waits for a run
+    whose every task is done).
 
     Model options left as None fall back to what the run folder recorded, then to ViT-B-32 /
     openai, so `curate score RUN` reuses the run's own model.
@@ -294,9 +477,18 @@ def prepare_run(
         device=device,
         precision=precision,
     )
-    report = embed_shards(urls, run, spec, **embed_options)  # type: ignore[arg-type]
+    tasks = tasks or TaskSlice()
+    report = embed_shards(
+        urls,
+        run,
+        spec,
+        executor=executor,
+        tasks=tasks,
+        **embed_options,  # type: ignore[arg-type]
+    )
     stems = run.assign_stems(urls)
-    done = [stems[u] for u in dict.fromkeys(urls) if u not in report.shard_errors]
+    mine = tasks.select(list(dict.fromkeys(urls)))
+    done = [stems[u] for u in mine if u not in report.shard_errors]
     return PreparedRun(run=run, stems=done, spec=spec, report=report)
 
 
@@ -304,7 +496,8 @@ def prepare_target(
     target: str, run: RunFolder, spec: ModelSpec, **embed_options: object
 ) -> RunFolder:
     """A NormSim target: an existing embedding run, or shards embedded once with the pool's
-    model into RUN/targets/<hash of weights fingerprint and shard URLs>."""
+    model into RUN/targets/<hash of weights fingerprint and shard URLs> (on the `executor` of
+    `embed_options`, if given; always whole, never an array task's share)."""
     if RunFolder.is_run(target):
         return RunFolder(target)
     urls = resolve_shards([target])

@@ -21,17 +21,19 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import __version__
-from curate.embedding.loader import SampleRow
 from curate.errors import RunFolderError
 from curate.io.shards import shard_stems, source_signature
 from curate.runtime.atomic import write_atomic, write_json_atomic
+
+if TYPE_CHECKING:  # the loader imports torch; select and write read run folders without it
+    from curate.embedding.loader import SampleRow
 
 RUN_FORMAT = "curate-run/1"
 _REQUIRED_MODEL_KEYS = ("model", "fingerprint", "embed_dim", "logit_scale")
@@ -155,13 +157,20 @@ class RunFolder:
     def bind_model(
         self, model_record: dict[str, Any], shards: dict[str, str], *, embedding: bool
     ) -> None:
-        """Create run.json, or check that an existing run was made with the same weights."""
+        """Create run.json, or check that an existing run was made with the same weights.
+
+        The file is replaced atomically and only when its content changes: array tasks that
+        bind the same model and the same map of every shard write the same bytes, in any order.
+        """
         self.ensure_same_model(model_record, embedding=embedding)
         existing = self.read_record()
         if existing is None:
-            existing = {"format": RUN_FORMAT, "curate": __version__, "model": model_record}
-        existing["shards"] = {**(existing.get("shards") or {}), **shards}
-        write_json_atomic(self.record_path, existing)
+            record = {"format": RUN_FORMAT, "curate": __version__, "model": model_record}
+        else:
+            record = dict(existing)
+        record["shards"] = {**(record.get("shards") or {}), **shards}
+        if record != existing:
+            write_json_atomic(self.record_path, record)
 
     def shard_paths(self, stem: str) -> tuple[Path, Path]:
         return self.embeddings_dir / f"{stem}.parquet", self.embeddings_dir / f"{stem}.json"

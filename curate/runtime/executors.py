@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from curate.errors import InputError
-from curate.runtime.stage import MapStage, Unit, execute_unit
+from curate.runtime.stage import MapStage, Unit, execute_unit, execute_units
 
 __all__ = [
     "ExecutorKind",
@@ -73,7 +73,8 @@ class TaskSlice:
 
 
 class InlineExecutor:
-    """Units one after another in this process."""
+    """Units in this process, through the stage's `run_units` (one after another unless the
+    stage streams them through one pipeline), each recorded as it completes."""
 
     label = "inline"
 
@@ -86,8 +87,8 @@ class InlineExecutor:
         finished: Finished,
     ) -> None:
         stage.setup()
-        for unit in units:
-            finished(execute_unit(stage, unit, folder, signatures[unit.name]))
+        for result in execute_units(stage, units, folder, signatures):
+            finished(result)
 
 
 class ThreadExecutor:

@@ -8,7 +8,10 @@ A map stage (`MapStage`) says
   returning small JSON stats (``samples`` counts toward progress); raise `UnitFailure` for a
   unit that can never succeed as it is (an unreadable shard): it is recorded, the others go on;
 - `setup()`: once per worker process before its first unit (load a model, build an automaton);
-- `resources`: what one unit needs where units are scheduled (Ray): CPUs, GPUs.
+- `resources`: what one unit needs where units are scheduled (Ray): CPUs, GPUs;
+- `run_units(units)` (optional): run several units in one stream in this process, yielding each
+  unit's outcome as it completes; the in-process executor uses it, so a stage can keep one
+  pipeline (decode workers, a model) across units. The default runs `run_unit` one by one.
 
 `run_map(stage, folder, executor=...)` plans, saves the plan, skips units whose completion
 record matches their signature, runs the rest on the executor (in-process, a process pool, or
@@ -25,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +42,8 @@ __all__ = [
     "Unit",
     "UnitFailure",
     "execute_unit",
+    "execute_units",
+    "record_outcome",
     "run_map",
 ]
 
@@ -87,6 +92,19 @@ class MapStage(ABC):
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Once per worker process, before its first unit."""
 
+    def run_units(
+        self, units: Sequence[Unit]
+    ) -> Iterator[tuple[Unit, dict[str, Any] | UnitFailure]]:
+        """Run `units` in this process, yielding ``(unit, stats or UnitFailure)`` for each one as
+        it completes (any order, each unit exactly once); its outputs are written by then. The
+        runtime records every outcome as it arrives. Override to stream units through one
+        pipeline; the default calls `run_unit` for one unit after another."""
+        for unit in units:
+            try:
+                yield unit, self.run_unit(unit)
+            except UnitFailure as exc:
+                yield unit, exc
+
     def output_present(self, unit: Unit) -> bool:
         """Whether a done unit's outputs are still there (a rerun redoes it when not)."""
         return True
@@ -112,26 +130,57 @@ class MapReport:
         return data
 
 
-def execute_unit(stage: MapStage, unit: Unit, folder: Path, signature: str) -> dict[str, Any]:
-    """Run one unit where it is scheduled and record the outcome (done or failed) last.
-
-    Returns ``{"unit", "status", "stats" | "error", "seconds"}``. Errors other than
-    `UnitFailure` propagate: they are bugs or infrastructure faults, retried by Ray.
-    """
+def record_outcome(
+    stage: MapStage,
+    unit: Unit,
+    folder: Path,
+    signature: str,
+    outcome: dict[str, Any] | UnitFailure,
+    seconds: float,
+) -> dict[str, Any]:
+    """Write the completion (or failure) record of a unit whose outputs are written, and return
+    ``{"unit", "status", "stats" | "error", "seconds"}`` for the caller's report."""
     from curate.runtime import records
 
-    start = time.perf_counter()
-    try:
-        stats = stage.run_unit(unit)
-    except UnitFailure as exc:
-        error = str(exc)
+    if isinstance(outcome, UnitFailure):
+        error = str(outcome)
         log.warning("%s unit %s failed: %s", stage.name, unit.name, error)
         records.write_failed(folder, unit, signature, error)
         return {"unit": unit.name, "status": "failed", "error": error}
-    seconds = time.perf_counter() - start
-    records.write_done(folder, unit, signature, stats, seconds)
-    log.info("%s unit %s done in %.2fs: %s", stage.name, unit.name, seconds, stats)
-    return {"unit": unit.name, "status": "done", "stats": stats, "seconds": seconds}
+    records.write_done(folder, unit, signature, outcome, seconds)
+    log.info("%s unit %s done in %.2fs: %s", stage.name, unit.name, seconds, outcome)
+    return {"unit": unit.name, "status": "done", "stats": outcome, "seconds": seconds}
+
+
+def execute_unit(stage: MapStage, unit: Unit, folder: Path, signature: str) -> dict[str, Any]:
+    """Run one unit where it is scheduled and record the outcome (done or failed) last.
+
+    Returns what `record_outcome` returns. Errors other than `UnitFailure` propagate: they are
+    bugs or infrastructure faults, retried by Ray.
+    """
+    start = time.perf_counter()
+    try:
+        outcome: dict[str, Any] | UnitFailure = stage.run_unit(unit)
+    except UnitFailure as exc:
+        outcome = exc
+    return record_outcome(stage, unit, folder, signature, outcome, time.perf_counter() - start)
+
+
+def execute_units(
+    stage: MapStage, units: Sequence[Unit], folder: Path, signatures: dict[str, str]
+) -> Iterator[dict[str, Any]]:
+    """Run `units` in this process through `stage.run_units`, recording each unit as it
+    completes (its seconds: since the previous one completed); yields `record_outcome`'s dicts."""
+    by_name = {u.name: u for u in units}
+    start = time.perf_counter()
+    for unit, outcome in stage.run_units(units):
+        if by_name.pop(unit.name, None) is None:
+            raise CurateError(f"internal: {stage.name} unit {unit.name} finished twice or unasked")
+        seconds = time.perf_counter() - start
+        yield record_outcome(stage, unit, folder, signatures[unit.name], outcome, seconds)
+        start = time.perf_counter()
+    if by_name:
+        raise CurateError(f"internal: {stage.name} never finished units {sorted(by_name)}")
 
 
 def run_map(

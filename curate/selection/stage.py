@@ -34,7 +34,6 @@ from curate.io.shards import check_out_apart
 from curate.io.uid_files import read_uid_file, write_datacomp_npy
 from curate.io.uids import is_uid
 from curate.runtime.atomic import write_atomic, write_json_atomic
-from curate.selection.normsim_d import DEFAULT_ROUNDS, normsim2_d
 from curate.selection.rules import (
     DERIVED,
     NORMSIM2_D,
@@ -61,7 +60,7 @@ class SelectSpec:
     exclude: list[Path] = field(default_factory=list)
     union: list[Path] = field(default_factory=list)
     seed: int = 0  # NormSim_2-D's initial sample
-    normsim2d_rounds: int = DEFAULT_ROUNDS
+    normsim2d_rounds: int = 10  # normsim_d.DEFAULT_ROUNDS (not imported: it needs torch)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -331,6 +330,8 @@ def _apply_normsim2_d(
             "rerun curate score"
         )
     emb = arrays["image_emb"][rows]
+    from curate.selection.normsim_d import normsim2_d  # torch, only for this rule
+
     mask_local, scores = normsim2_d(
         emb, min(n + 1, index.size), rounds=spec.normsim2d_rounds, seed=spec.seed, device=device
     )

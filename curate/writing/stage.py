@@ -364,6 +364,14 @@ def _rewrite_members(folder: Path, wanted: set[str]) -> dict[str, tuple[str, byt
     tables = sorted((folder / "rewrites").glob("*.parquet"))
     if not tables:
         raise InputError(f"--rewrites {folder}: no rewrites/*.parquet (curate rewrite's output)")
+    unfinished = (folder / ".curate" / "rewrite").is_dir() and not (
+        folder / "rewrite.json"
+    ).is_file()
+    if unfinished:  # a rewrite run writes rewrite.json once every unit is done and deduped
+        raise InputError(
+            f"--rewrites {folder}: the rewrite run is not finished (no rewrite.json; uids "
+            f"repeated across units are marked only at the end); see `curate status {folder}`"
+        )
     members: dict[str, tuple[str, bytes]] = {}
     for path in tables:
         table = pq.read_table(path, columns=["uid", "rewrites", "model", "prompt_version"])
