@@ -52,6 +52,13 @@ def test_run_map_records_skips_and_redoes(tmp_path: Path) -> None:
     (out / "units" / "00002.txt").unlink()
     redo = run_map(SquareStage(out, 6), out)
     assert (redo.done_now, redo.skipped) == (1, 5) and _outputs(out) == _expected(6)
+    # A record half-written when a run was killed is cleaned up by the next (single) run.
+    leftover = folder / "done" / ".00001.json.deadbeef.tmp"
+    leftover.write_text("{")
+    run_map(SquareStage(out, 6), out, tasks=TaskSlice(0, 2))
+    assert leftover.exists()  # one task of an array leaves its neighbours' files alone
+    run_map(SquareStage(out, 6), out)
+    assert not leftover.exists()
     # More units: only the new ones run.
     more = run_map(SquareStage(out, 8), out)
     assert (more.done_now, more.skipped) == (2, 6) and _outputs(out) == _expected(8)

@@ -32,6 +32,7 @@ __all__ = [
     "read_done",
     "read_failed",
     "read_plan",
+    "remove_temporaries",
     "save_plan",
     "signature_hash",
     "stage_folder",
@@ -76,6 +77,13 @@ def save_plan(folder: Path, units: Sequence[Unit], signatures: dict[str, str]) -
     except OSError:
         pass
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete half-written records (``atomic_path``'s temporaries) a killed run left behind."""
+    for kind in ("done", "failed"):
+        for path in (folder / kind).glob(".*.json.*.tmp"):
+            path.unlink(missing_ok=True)
 
 
 def read_plan(folder: Path) -> list[dict[str, str]] | None:

@@ -205,6 +205,8 @@ def run_map(
     units = stage.plan()
     signatures = {u.name: records.signature_hash(stage.signature(u)) for u in units}
     records.save_plan(folder, units, signatures)
+    if tasks.count == 1:  # alone, every temporary record is a killed run's
+        records.remove_temporaries(folder)
     mine = tasks.select(units)
     report = MapReport(stage=stage.name, units=len(mine), task=tasks.label)
     with records.task_log(folder, tasks.label):
