@@ -98,7 +98,9 @@ def _register() -> None:
     app.command("models")(models.models_command)
     app.command("status")(runtime.status_command)
     app.command(
-        "slurm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+        "slurm",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        options_metavar="[OPTIONS] -- COMMAND [ARGS]...",
     )(runtime.slurm_command)
 
 
