@@ -12,7 +12,6 @@ import typer
 from curate.cli import options as opt
 from curate.cli.report import print_json, score_summary, warn_shard_problems
 from curate.errors import InputError
-from curate.runtime.progress import scoring_status
 
 
 class Metric(str, Enum):
@@ -126,83 +125,58 @@ def score_command(
 
       [bold]curate score curate-run/ -m normsim --target imagenet-shards/ --normsim-p inf[/bold]
 
-    On a cluster the embedding is the part that spreads: --executor ray embeds one shard per
-    Ray task (the --target shards too), then scores here. Scores are a reduce over the whole
-    run, so with --executor array --num-tasks K each task only embeds its share (shards i,
-    i+K, ...) and stops; once every task is done, [bold]curate score RUN[/bold] (one process)
-    embeds nothing more and scores. `curate slurm -- score ...` submits both.
+    On a cluster: --executor ray embeds one shard per Ray task (the --target shards too) and
+    computes the row-wise scores (clipscore, normsim) one shard per task; negclip, a pool-wide
+    reduce, runs here. With --executor array --num-tasks K each task embeds and scores its
+    share (shards i, i+K, ...) and stops; once every task is done, [bold]curate score RUN[/bold]
+    (one process) embeds and maps nothing more and writes scores.parquet. `curate slurm --
+    score ...` submits both.
     """
     from rich.markup import escape
 
     from curate.cli.report import embed_summary
-    from curate.embedding.stage import prepare_run, prepare_target
     from curate.runtime.executors import make_executor
     from curate.runtime.progress import stderr_console
-    from curate.scoring.stage import NegclipOptions, NormsimOptions, score_run
+    from curate.scoring.stage import NegclipOptions, ScoreConfig, score_inputs
 
-    p = _parse_p(normsim_p)
-    if Metric.normsim in metric and target is None:
-        raise InputError("--metric normsim needs --target (shards or an embedding run)")
-    embed_options = {
-        "batch_size": batch_size,
-        "num_workers": workers,
-        "max_pixels": max_pixels,
-        "progress": not no_progress,
-    }
-    runner, tasks = make_executor(
-        executor.value, ray_address=ray_address, num_tasks=num_tasks, task_index=task_index
-    )
-    prepared = prepare_run(
-        inputs,
-        out,
+    config = ScoreConfig(
+        metrics=[m.value for m in metric],
+        negclip=NegclipOptions(
+            batch_size=negclip_batch, k=negclip_k, temperature=temperature, seed=seed
+        ),
+        target=target,
+        normsim_p=_parse_p(normsim_p),
         model=model,
         pretrained=pretrained,
         device=device,
         precision=precision.value,
-        executor=runner,
-        tasks=tasks,
-        **embed_options,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
     )
-    if tasks.count > 1:  # an array task: its share is embedded, scoring waits for every task
-        embedded = prepared.report
-        warn_shard_problems(embedded.shard_errors, embedded.truncated)
-        flags = " ".join(f"-m {m.value}" for m in dict.fromkeys(metric))
-        then = escape(f"curate score {prepared.run.path} {flags}")
+    config.validate()
+    runner, tasks = make_executor(
+        executor.value, ray_address=ray_address, num_tasks=num_tasks, task_index=task_index
+    )
+    report = score_inputs(
+        inputs, out, config, executor=runner, tasks=tasks, progress=not no_progress
+    )
+    warn_shard_problems(report.shard_errors, report.truncated or report.embedding.truncated)
+    if not report.complete:  # an array task: its share is done, the reduce waits for every task
+        flags = " ".join(f"-m {m}" for m in dict.fromkeys(config.metrics))
+        then = escape(f"curate score {report.out.parent} {flags}")
         if as_json:
-            print_json({**embedded.__dict__, "run_dir": str(embedded.run_dir), "scored": False})
+            print_json(report.to_json())
         else:
-            embed_summary(embedded)
+            embed_summary(report.embedding)
         stderr_console.print(
-            f"{tasks.label} embedded its share of the shards; once every task is done, run "
-            f"[bold]{then}[/bold] (one process, with your other scoring options) to score",
+            f"{tasks.label} embedded and scored its share of the shards; once every task is "
+            f"done, run [bold]{then}[/bold] (one process, with your other scoring options) to "
+            "write scores.parquet",
             highlight=False,
             soft_wrap=True,
         )
-        if embedded.shard_errors:
-            raise typer.Exit(1)
-        return 0
-    metrics = list(dict.fromkeys(m.value for m in metric))
-    target_run = None
-    if target is not None and Metric.normsim.value in metrics:
-        target_run = prepare_target(
-            target, prepared.run, prepared.spec, executor=runner, **embed_options
-        )
-    dev = None if device == "auto" else device
-    with scoring_status(f"computing {', '.join(metrics)}", enabled=not no_progress):
-        report = score_run(
-            prepared.run,
-            prepared.stems,
-            metrics,
-            out=prepared.run.path / "scores.parquet",
-            negclip_opts=NegclipOptions(
-                batch_size=negclip_batch, k=negclip_k, temperature=temperature, seed=seed
-            ),
-            normsim_opts=NormsimOptions(target=target_run, p=p),
-            device=dev,
-            shard_errors=prepared.report.shard_errors,
-        )
-    warn_shard_problems(report.shard_errors, report.truncated)
-    if as_json:
+    elif as_json:
         print_json(report.to_json())
     else:
         score_summary(report)

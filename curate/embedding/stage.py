@@ -497,7 +497,8 @@ def prepare_target(
 ) -> RunFolder:
     """A NormSim target: an existing embedding run, or shards embedded once with the pool's
     model into RUN/targets/<hash of weights fingerprint and shard URLs> (on the `executor` of
-    `embed_options`, if given; always whole, never an array task's share)."""
+    `embed_options`, if given; an array task (`tasks` in `embed_options`) embeds its share:
+    `target_complete` says whether every task's is there)."""
     if RunFolder.is_run(target):
         return RunFolder(target)
     urls = resolve_shards([target])
@@ -509,3 +510,9 @@ def prepare_target(
         url, error = next(iter(report.shard_errors.items()))
         raise InputError(f"target shard {url} cannot be read: {error}")
     return target_run
+
+
+def target_complete(target: RunFolder) -> bool:
+    """Whether every shard the target run records is embedded (array tasks embed shares)."""
+    shards = (target.read_record() or {}).get("shards", {})
+    return bool(shards) and set(target.complete_stems()) == set(shards)

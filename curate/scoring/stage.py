@@ -1,5 +1,10 @@
 """The score stage: a run folder's embeddings in, one scores table (a row per input sample) out.
 
+Row-wise metrics (clipscore, normsim) are a map over the run's shards (`ScoreStage` on the stage
+runtime: RUN/shard_scores/<stem>.parquet, records in RUN/.curate/score/); the reduce
+(`score_run`) marks duplicate uids, computes negclip (a pool-level metric: seeded batches of the
+whole pool) and writes RUN/scores.parquet.
+
 Failed samples stay in the table with their error and null scores, so `read = scored + failed`
 can always be checked. A uid already seen earlier in the pool (same DataComp uid in two places)
 is recorded as a `duplicate_uid` failure: uids in the scores table are unique among scored rows.
@@ -10,18 +15,22 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.embedding.loader import DEFAULT_MAX_PIXELS
 from curate.embedding.store import META_COLUMNS, RunFolder, embeddings_to_numpy
 from curate.errors import InputError, RunFolderError, failure_code
+from curate.runtime import records
 from curate.runtime.atomic import write_atomic, write_json_atomic
+from curate.runtime.executors import TaskSlice
+from curate.runtime.stage import MapStage, Unit, UnitFailure, run_map
 from curate.scoring.clipscore import clipscore
 from curate.scoring.negclip import negclip
 from curate.scoring.normsim import normsim, second_moment
@@ -68,11 +77,51 @@ class ScoreReport:
     shard_errors: dict[str, str] = field(default_factory=dict)
     truncated: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    task: str = "local"
+    complete: bool = True  # False: an array task scored its share; the reduce is still to run
+    embedding: Any = field(default=None, repr=False)  # the EmbedReport of `score_inputs`
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"] = str(self.out)
+        embedding = data.pop("embedding")
+        if embedding is not None:
+            data["embedding"] = {
+                k: str(v) if isinstance(v, Path) else v for k, v in embedding.items()
+            }
         return data
+
+
+@dataclass
+class ScoreConfig:
+    """Every option of `curate score` (the CLI's defaults): metrics and their settings, and how
+    missing embeddings are made (model, device, precision, batching, decoding workers)."""
+
+    metrics: Sequence[str] = ("clipscore",)
+    negclip: NegclipOptions = field(default_factory=NegclipOptions)
+    target: str | None = None  # NormSim target: shards (embedded into RUN/targets/) or a run
+    normsim_p: float = math.inf
+    model: str | None = None  # None: the run's own model, else ViT-B-32
+    pretrained: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 256
+    workers: int | None = None  # decoding processes (None: from the cores)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> list[str]:
+        """The metrics asked for, once each, in the order given; one-line errors otherwise."""
+        metrics = list(dict.fromkeys(self.metrics))
+        unknown = sorted(set(metrics) - set(METRICS))
+        if unknown:
+            raise InputError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+        if not metrics:
+            raise InputError("give at least one --metric")
+        if "normsim" in metrics and self.target is None:
+            raise InputError("--metric normsim needs --target (shards or an embedding run)")
+        if not self.normsim_p >= 1:
+            raise InputError(f"--normsim-p must be ≥ 1 (or 'inf'), not {self.normsim_p}")
+        return metrics
 
 
 def load_pool(
@@ -141,6 +190,171 @@ def summarize(values: np.ndarray) -> dict[str, float]:
     return stats
 
 
+ROW_METRICS = ("clipscore", "normsim")  # one value per row from its own pair: a map
+SHARD_SCORES = "shard_scores"  # RUN/shard_scores/<stem>.parquet: the map's outputs
+SCORE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class NormsimTarget:
+    """A checked NormSim target: its run, complete stems, content hash and, for p = 2, the
+    cached second-moment matrix (RUN_TARGET/cache/moment-*.npy), so units never recompute it."""
+
+    run: RunFolder
+    stems: tuple[str, ...]
+    content: str  # RunFolder.content_hash of the stems
+    p: float
+    moment: Path | None = None
+
+    @classmethod
+    def prepare(
+        cls, pool: RunFolder, target: RunFolder, p: float, device: str | None
+    ) -> NormsimTarget:
+        if target.model_record()["fingerprint"] != pool.model_record()["fingerprint"]:
+            raise RunFolderError(
+                f"target run {target.path} was embedded with another model than the pool; "
+                "embed the target with the same --model/--pretrained"
+            )
+        stems = target.complete_stems()
+        if not stems:
+            raise RunFolderError(f"target run {target.path} holds no embedded shards")
+        content = target.content_hash(stems)
+        moment = None
+        if p == 2:
+            moment = target.path / "cache" / f"moment-{content[:16]}.npy"
+            if not moment.is_file():
+                _, temb = load_pool(target, stems, with_embeddings=["image_emb"])
+                matrix = second_moment(temb["image_emb"], device=device)
+                write_atomic(moment, lambda tmp: _save_npy(tmp, matrix))
+        return cls(target, tuple(stems), content, p, moment)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "p": self.p if math.isfinite(self.p) else "inf",
+            "target": str(self.run.path),
+            "target_hash": self.content,
+        }
+
+
+@dataclass
+class ScoreStage(MapStage):
+    """The row-wise metrics (clipscore, normsim) as a map stage: one unit per embedded shard of
+    the pool, whose output RUN/shard_scores/<stem>.parquet holds one float32 column per metric
+    and a row per row of the shard's table (null where the row failed to embed).
+
+    A unit reads only its own table (and, for normsim with p ≠ 2, the target's embeddings, loaded
+    once per worker in `setup`). Its signature is the embed unit's signature (what the table is
+    a function of, known before any table exists, so every array task plans the same units),
+    the metrics and the target's content hash: a re-embedded shard or another target redoes it.
+    A shard that is not embedded (its embed unit failed) fails here too.
+    """
+
+    name: ClassVar[str] = "score"
+    run: RunFolder
+    units: list[Unit]  # (stem, url) in pool order
+    table_signatures: dict[str, str]  # stem -> what its embedding table depends on
+    metrics: tuple[str, ...]  # row-wise metrics, output column names in `columns`
+    target: NormsimTarget | None = None
+    device: str | None = None
+    _target_emb: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _moment: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_target_emb": None, "_moment": None}  # workers load their own
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """metric -> its column name in the tables."""
+        out = {}
+        for metric in self.metrics:
+            if metric == "normsim":
+                assert self.target is not None
+                out[metric] = normsim_column(self.target.p)
+            else:
+                out[metric] = metric
+        return out
+
+    def plan(self) -> list[Unit]:
+        return list(self.units)
+
+    def signature(self, unit: Unit) -> dict[str, Any]:
+        return {
+            "format": SCORE_FORMAT,
+            "stem": unit.name,
+            "table": self.table_signatures[unit.name],
+            "metrics": list(self.columns.values()),
+            "normsim": self.target.params()["target_hash"] if self.target else None,
+        }
+
+    def part_path(self, stem: str) -> Path:
+        return self.run.path / SHARD_SCORES / f"{stem}.parquet"
+
+    def output_present(self, unit: Unit) -> bool:
+        return self.part_path(unit.name).is_file()
+
+    def setup(self) -> None:
+        target = self.target
+        if target is None or "normsim" not in self.metrics:
+            return
+        if target.moment is not None and self._moment is None:
+            self._moment = np.load(target.moment, allow_pickle=False)
+        elif target.moment is None and self._target_emb is None:
+            _, temb = load_pool(target.run, target.stems, with_embeddings=["image_emb"])
+            self._target_emb = temb["image_emb"]
+
+    def run_unit(self, unit: Unit) -> dict[str, Any]:
+        record = self.run.read_shard_record(unit.name)
+        if record is None or record.fingerprint != self.run.model_record()["fingerprint"]:
+            raise UnitFailure(f"shard {unit.source} is not embedded with the run's model")
+        self.setup()
+        needed = ["image_emb"] + (["text_emb"] if "clipscore" in self.metrics else [])
+        meta, emb = load_pool(self.run, [unit.name], with_embeddings=needed)
+        ok = np.asarray(meta.column("error").is_null())
+        values: dict[str, np.ndarray] = {}
+        for metric, column in self.columns.items():
+            if metric == "clipscore":
+                values[column] = clipscore(emb["image_emb"], emb["text_emb"], device=self.device)
+            else:
+                assert self.target is not None
+                values[column] = normsim(
+                    emb["image_emb"],
+                    self._target_emb,
+                    p=self.target.p,
+                    moment=self._moment,
+                    device=self.device,
+                )
+        table = pa.table({name: _masked(vals, ok) for name, vals in values.items()})
+        write_atomic(
+            self.part_path(unit.name), lambda tmp: pq.write_table(table, tmp, compression="zstd")
+        )
+        return {"samples": meta.num_rows, "scored": int(ok.sum())}
+
+    def read_columns(self, stems: Sequence[str]) -> dict[str, np.ndarray]:
+        """The map's columns over `stems` (in that order) as float32 arrays, NaN where null."""
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in self.columns.values()}
+        for stem in stems:
+            path = self.part_path(stem)
+            try:
+                table = pq.read_table(path)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise RunFolderError(f"cannot read {path}: {exc}") from exc
+            for column, chunks in parts.items():
+                chunks.append(
+                    table.column(column).to_numpy(zero_copy_only=False).astype(np.float32)
+                )
+        return {
+            c: np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+            for c, chunks in parts.items()
+        }
+
+
+def _masked(values: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """`values` of the OK rows spread over all rows, null (and NaN underneath) elsewhere."""
+    full = np.full(ok.size, np.nan, dtype=np.float32)
+    full[ok] = values
+    return pa.array(full, pa.float32(), mask=~ok)
+
+
 def score_run(
     run: RunFolder,
     stems: Sequence[str],
@@ -151,37 +365,75 @@ def score_run(
     normsim_opts: NormsimOptions | None = None,
     device: str | None = None,
     shard_errors: dict[str, str] | None = None,
+    executor: Any = None,
+    tasks: TaskSlice | None = None,
+    on_unit: Callable[[int], None] | None = None,
 ) -> ScoreReport:
-    """Compute `metrics` over the pool held by `run` (restricted to `stems`) and write `out`."""
+    """Compute `metrics` over the pool held by `run` (restricted to `stems`) and write `out`.
+
+    The row-wise metrics run first as a map (`ScoreStage`, on `executor`; with array `tasks`,
+    this task's share only, and then the report says `complete=False` and nothing more is
+    done); the reduce then marks duplicate uids, computes negclip over the whole pool and
+    writes the table.
+    """
     start = time.perf_counter()
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise InputError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    tasks = tasks or TaskSlice()
     negclip_opts = negclip_opts or NegclipOptions()
     normsim_opts = normsim_opts or NormsimOptions()
     if "normsim" in metrics and normsim_opts.target is None:
         raise InputError("--metric normsim needs --target (shards or an embedding run)")
     model = run.model_record()
-    needed = ["image_emb"] + (["text_emb"] if {"clipscore", "negclip"} & set(metrics) else [])
-    meta, emb = load_pool(run, stems, with_embeddings=needed)
+    target = None
+    if "normsim" in metrics:
+        assert normsim_opts.target is not None
+        target = NormsimTarget.prepare(run, normsim_opts.target, normsim_opts.p, device)
+    stage = ScoreStage(
+        run=run,
+        units=[Unit(stem, _url_of(run, stem)) for stem in stems],
+        table_signatures=_table_signatures(run, stems),
+        metrics=tuple(m for m in ROW_METRICS if m in metrics),
+        target=target,
+        device=device,
+    )
+    report = ScoreReport(out=out, shard_errors=dict(shard_errors or {}), task=tasks.label)
+    if stage.metrics:
+        mapped = run_map(stage, run.path, executor=executor, tasks=tasks, on_unit=on_unit)
+        for source, error in mapped.failed.items():
+            if tasks.count == 1:  # the reduce scores embedded shards only: a broken run
+                raise RunFolderError(f"cannot score {source}: {error}")
+            report.shard_errors.setdefault(source, error)  # an array task's unembedded shard
+    if tasks.count > 1:
+        report.complete = False
+        report.seconds = time.perf_counter() - start
+        return report
+
+    meta, emb = load_pool(
+        run, stems, with_embeddings=["image_emb", "text_emb"] if "negclip" in metrics else []
+    )
     ok_before = np.asarray(meta.column("error").is_null())
     meta, keep = mark_duplicate_uids(meta)
-    image = emb["image_emb"][keep]
-    text = emb["text_emb"][keep] if "text_emb" in emb else None
     ok = np.asarray(meta.column("error").is_null())
-    assert int(ok.sum()) == image.shape[0] and int(ok_before.sum()) == keep.size
+    assert int(ok_before.sum()) == keep.size
 
-    report = ScoreReport(out=out, read=meta.num_rows, scored=int(ok.sum()))
-    report.shard_errors = dict(shard_errors or {})
+    report.read, report.scored = meta.num_rows, int(ok.sum())
     report.failed = report.read - report.scored
     report.failures = dict(
         sorted(Counter(failure_code(e) for e in meta.column("error").to_pylist() if e).items())
     )
     report.params = {"model": {k: model[k] for k in ("model", "pretrained", "fingerprint")}}
-    columns: dict[str, np.ndarray] = {}
-    if "clipscore" in metrics:
-        columns["clipscore"] = clipscore(image, text, device=device)
+    columns: dict[str, np.ndarray] = {}  # values of the OK rows
+    row_values = stage.read_columns(stems) if stage.metrics else {}
+    for metric, column in stage.columns.items():
+        columns[column] = row_values[column][ok]
+        if metric == "normsim":
+            assert target is not None
+            report.params["normsim"] = target.params()
     if "negclip" in metrics:
+        image, text = emb["image_emb"][keep], emb["text_emb"][keep]
+        assert image.shape[0] == report.scored
         tau = negclip_opts.temperature or 1.0 / float(model["logit_scale"])
         batch = min(negclip_opts.batch_size, max(image.shape[0], 1))
         if image.shape[0]:
@@ -203,23 +455,11 @@ def score_run(
             "seed": negclip_opts.seed,
             "pool": int(image.shape[0]),
         }
-    if "normsim" in metrics:
-        target = normsim_opts.target
-        assert target is not None
-        name = normsim_column(normsim_opts.p)
-        columns[name] = _normsim_scores(run, target, image, normsim_opts.p, device)
-        report.params["normsim"] = {
-            "p": normsim_opts.p if math.isfinite(normsim_opts.p) else "inf",
-            "target": str(target.path),
-            "target_hash": target.content_hash(),
-        }
 
     table = meta
-    for name, values in columns.items():
-        full = np.full(meta.num_rows, np.nan, dtype=np.float32)
-        full[ok] = values
-        table = table.append_column(name, pa.array(full, pa.float32(), mask=~ok))
-        report.quantiles[name] = summarize(values)
+    for name in _column_order(metrics, stage):
+        table = table.append_column(name, _masked(columns[name], ok))
+        report.quantiles[name] = summarize(columns[name])
     table = table.append_column(
         "status", pa.array(np.where(ok, "scored", "failed").tolist(), pa.string())
     )
@@ -229,33 +469,117 @@ def score_run(
         if record and record.truncated:
             report.truncated[record.url] = record.truncated
     report.seconds = time.perf_counter() - start
-    write_json_atomic(out.with_suffix(".json"), {**report.to_json(), "seconds": None})
+    write_json_atomic(
+        out.with_suffix(".json"), {**report.to_json(), "seconds": None, "task": "local"}
+    )
     return report
 
 
-def _normsim_scores(
-    run: RunFolder, target: RunFolder, image: np.ndarray, p: float, device: str | None
-) -> np.ndarray:
-    pool_fp = run.model_record()["fingerprint"]
-    if target.model_record()["fingerprint"] != pool_fp:
-        raise RunFolderError(
-            f"target run {target.path} was embedded with another model than the pool; "
-            "embed the target with the same --model/--pretrained"
+def score_inputs(
+    inputs: Sequence[str],
+    out: Path | None = None,
+    config: ScoreConfig | None = None,
+    *,
+    executor: Any = None,
+    tasks: TaskSlice | None = None,
+    progress: bool = True,
+) -> ScoreReport:
+    """`curate score`: embed what the run folder lacks (its input shards, and the NormSim target
+    shards), run the row-wise map, then the reduce into RUN/scores.parquet.
+
+    `inputs` is a run folder or shard specs (then `out` is the run folder, ./curate-run by
+    default). As array task (`tasks`) it embeds its share of the pool and of the target, scores
+    its share when the target is whole, and returns a report with ``complete=False``: the
+    reduce is a later single `score_inputs` of the run (it embeds and maps nothing more).
+    """
+    from curate.embedding.stage import prepare_run, prepare_target, target_complete
+    from curate.runtime.progress import scoring_status
+
+    config = config or ScoreConfig()
+    metrics = config.validate()
+    tasks = tasks or TaskSlice()
+    embed_options: dict[str, Any] = {
+        "batch_size": config.batch_size,
+        "num_workers": config.workers,
+        "max_pixels": config.max_pixels,
+        "progress": progress,
+    }
+    prepared = prepare_run(
+        list(inputs),
+        out,
+        model=config.model,
+        pretrained=config.pretrained,
+        device=config.device,
+        precision=config.precision,  # type: ignore[arg-type]
+        executor=executor,
+        tasks=tasks,
+        **embed_options,
+    )
+    run = prepared.run
+    target_run, ready = None, True
+    if "normsim" in metrics:
+        assert config.target is not None
+        target_run = prepare_target(
+            config.target, run, prepared.spec, executor=executor, tasks=tasks, **embed_options
         )
-    stems = target.complete_stems()
-    if not stems:
-        raise RunFolderError(f"target run {target.path} holds no embedded shards")
-    if p == 2:
-        cache = target.path / "cache" / f"moment-{target.content_hash(stems)[:16]}.npy"
-        if cache.is_file():
-            moment = np.load(cache, allow_pickle=False)
-        else:
-            _, temb = load_pool(target, stems, with_embeddings=["image_emb"])
-            moment = second_moment(temb["image_emb"], device=device)
-            write_atomic(cache, lambda tmp: _save_npy(tmp, moment))
-        return normsim(image, p=2, moment=moment, device=device)
-    _, temb = load_pool(target, stems, with_embeddings=["image_emb"])
-    return normsim(image, temb["image_emb"], p=p, device=device)
+        ready = target_complete(target_run)
+    if tasks.count > 1:  # the map's units are the whole pool's, in the embed plan's order
+        planned = records.read_plan(run.path / records.RUNTIME_DIR / "embed") or []
+        stems = [u["name"] for u in planned]
+    else:
+        stems = prepared.stems
+    if ready:
+        with scoring_status(f"computing {', '.join(metrics)}", enabled=progress):
+            report = score_run(
+                run,
+                stems,
+                metrics,
+                out=run.path / "scores.parquet",
+                negclip_opts=config.negclip,
+                normsim_opts=NormsimOptions(target=target_run, p=config.normsim_p),
+                device=None if config.device == "auto" else config.device,
+                shard_errors=prepared.report.shard_errors,
+                executor=executor,
+                tasks=tasks,
+            )
+    else:  # an array task before the target is whole: the reduce scores this share
+        report = ScoreReport(
+            out=run.path / "scores.parquet",
+            shard_errors=dict(prepared.report.shard_errors),
+            task=tasks.label,
+            complete=False,
+        )
+    report.embedding = prepared.report
+    return report
+
+
+def _column_order(metrics: Sequence[str], stage: ScoreStage) -> list[str]:
+    """Score columns in the fixed order clipscore, negclip, normsim (whatever order was asked)."""
+    names = {**stage.columns, "negclip": "negclip"}
+    return [names[m] for m in METRICS if m in metrics]
+
+
+def _url_of(run: RunFolder, stem: str) -> str:
+    return str((run.read_record() or {}).get("shards", {}).get(stem, stem))
+
+
+def _table_signatures(run: RunFolder, stems: Sequence[str]) -> dict[str, str]:
+    """Each shard's embed-unit signature (RUN/.curate/embed/plan.json); a table the runtime did
+    not plan (a run folder written by other means) is identified by its hash instead."""
+    planned = {
+        u["name"]: u["signature"]
+        for u in records.read_plan(run.path / records.RUNTIME_DIR / "embed") or []
+    }
+    signatures = {}
+    for stem in stems:
+        if stem in planned:
+            signatures[stem] = f"embed:{planned[stem]}"
+            continue
+        record = run.read_shard_record(stem)
+        if record is None:
+            raise RunFolderError(f"shard {stem} of run {run.path} is not embedded")
+        signatures[stem] = f"table:{record.sha256}"
+    return signatures
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
