@@ -11,7 +11,6 @@ import typer
 from curate.balance.matching import MatchMode
 from curate.cli import options as opt
 from curate.cli.report import audit_summary, print_json, rebalance_summary, warn_shard_problems
-from curate.errors import InputError
 
 BUILTIN_CONCEPTS = ("occupations",)
 
@@ -217,6 +216,8 @@ def audit_command(
     workers: opt.MatchWorkersOpt = None,
     executor: opt.ExecutorOpt = opt.ExecutorChoice.local,
     ray_address: opt.RayAddressOpt = None,
+    num_tasks: opt.NumTasksOpt = None,
+    task_index: opt.TaskIndexOpt = None,
     no_progress: opt.NoProgressOpt = False,
     as_json: opt.JsonOpt = False,
 ) -> None:
@@ -227,6 +228,11 @@ def audit_command(
 
     Labels are perceived and coarse: use them for dataset statistics, never about individuals.
     `curate rebalance OUT` reduces what the audit found.
+
+    On a cluster the matching spreads: --executor ray matches one unit per Ray task;
+    --executor array --num-tasks K matches units i, i+K, ... and stops, and one plain
+    [bold]curate audit[/bold] with the same arguments afterwards measures (`curate slurm --
+    audit ...` submits both).
     """
     from curate.balance.metadata import load_metadata
     from curate.fairness.audit import AuditOptions
@@ -250,10 +256,14 @@ def audit_command(
     options.validate()
     attribute_spec = load_spec(spec).select(attribute)
     concept_list = load_metadata(_concepts_path(concepts))
-    if executor is opt.ExecutorChoice.array:
-        raise InputError("curate audit matches and measures in one call: use local or ray")
-    runner, _ = make_executor(
-        executor.value, workers=opt.match_workers(workers), ray_address=ray_address
+    from curate.runtime.progress import stderr_console
+
+    runner, tasks = make_executor(
+        executor.value,
+        workers=opt.match_workers(workers),
+        ray_address=ray_address,
+        num_tasks=num_tasks,
+        task_index=task_index,
     )
     with progress_bar("auditing", total_shards=None, enabled=not no_progress) as bar:
 
@@ -271,6 +281,7 @@ def audit_command(
             mode=match,
             caption_column=caption_column,
             executor=runner,
+            tasks=tasks,
             device=device,
             on_units=bar.set_total_shards,
             on_unit=advance,
@@ -279,8 +290,15 @@ def audit_command(
     warn_shard_problems(report.shard_errors, {})
     if as_json:
         print_json(report.to_json())
-    else:
+    elif report.complete:
         audit_summary(report)
+    if not report.complete:
+        stderr_console.print(
+            f"{tasks.label} matched its share of the units; once every task is done, rerun "
+            "this command without --executor array (one process) to measure",
+            highlight=False,
+            soft_wrap=True,
+        )
     if report.shard_errors:
         raise typer.Exit(1)
 

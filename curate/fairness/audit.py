@@ -57,6 +57,7 @@ from curate.fairness.spec import Attribute, AttributeSpec
 from curate.fairness.zeroshot import class_probabilities, confident_labels, prompt_ensembles
 from curate.io.captions import resolve_units
 from curate.runtime.atomic import write_atomic, write_json_atomic
+from curate.runtime.executors import TaskSlice
 
 LABELS_TABLE = "labels.parquet"
 REPRESENTATION_TABLE = "representation.parquet"
@@ -148,19 +149,21 @@ class AuditReport:
     out: str
     concepts: str
     infer: str
-    rows: int
-    failed: int
-    failures: dict[str, int]
-    persons: int
-    persons_caption: int
-    persons_image: int
-    images: int  # OK rows with an image embedding
-    with_concept: int
-    person_gated: bool  # False: the spec has no person block, every sample counts
-    retrieval: bool  # retrieval.parquet was written
-    attributes: list[AttributeSummary]
+    rows: int = 0
+    failed: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    persons: int = 0
+    persons_caption: int = 0
+    persons_image: int = 0
+    images: int = 0  # OK rows with an image embedding
+    with_concept: int = 0
+    person_gated: bool = True  # False: the spec has no person block, every sample counts
+    retrieval: bool = False  # retrieval.parquet was written
+    attributes: list[AttributeSummary] = field(default_factory=list)
     seconds: float = 0.0
     shard_errors: dict[str, str] = field(default_factory=dict)  # units that could not be read
+    task: str = "local"
+    complete: bool = True  # False: an array task matched its share; the measuring is to come
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -279,12 +282,16 @@ def audit(
     mode: MatchMode = MatchMode.words,
     caption_column: str | None = None,
     executor: Any = None,
+    tasks: TaskSlice | None = None,
     device: str = "auto",
     on_units: Callable[[int], None] | None = None,
     on_unit: Callable[[int], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> AuditReport:
-    """Match, label and measure; writes every output file and returns the summary."""
+    """Match, label and measure; writes every output file and returns the summary.
+
+    As an array task (`tasks` of several) only this task's share of the matching runs and the
+    report says ``complete=False``; a later single call matches nothing more and measures."""
     from curate.embedding.store import RunFolder
 
     start = time.perf_counter()
@@ -312,7 +319,22 @@ def audit(
     units = resolve_units(specs, caption_column)
     if on_units:
         on_units(len(units))
-    matched = match_units(units, concepts, out, mode=mode, executor=executor, on_unit=on_unit)
+    tasks = tasks or TaskSlice()
+    matched = match_units(
+        units, concepts, out, mode=mode, executor=executor, tasks=tasks, on_unit=on_unit
+    )
+    if tasks.count > 1:
+        return AuditReport(
+            source=" ".join(map(str, specs)),
+            out=str(out),
+            concepts=str(concepts.path),
+            infer=infer,
+            rows=matched.samples,
+            shard_errors=dict(matched.failed),
+            seconds=time.perf_counter() - start,
+            task=tasks.label,
+            complete=False,
+        )
     if on_step:
         on_step("labelling")
     frame, shard_errors = read_matches(

@@ -23,17 +23,18 @@ __all__ = ["SlurmOptions", "SlurmPlan", "parse_array", "plan_jobs", "submit"]
 
 # Commands with a reduce after the map, as (flags of the array tasks, flags of the reduce job):
 # balance's sample phase; write's manifest (a plain rerun once every shard is there: tasks that
-# finish at the same moment may each miss the others' last shard); score's scoring (array tasks
-# only embed their share, the plain rerun scores the whole run); rewrite's duplicate reduce and
-# rewrite.json (the same plain rerun).
+# finish at the same moment may each miss the others' last shard); score's negclip and table
+# (array tasks embed and score their share, the plain rerun reduces the whole run); rewrite's
+# duplicate reduce and rewrite.json, audit's labels and metrics (the same plain rerun).
 PHASED = {
     "balance": (["--phase", "match"], ["--phase", "sample"]),
     "write": ([], []),
     "score": ([], []),
     "rewrite": ([], []),
+    "audit": ([], []),
 }
 # Commands that run as array tasks (the others have no map to split).
-MAPPED = frozenset({"balance", "write", "embed", "score", "rewrite"})
+MAPPED = frozenset({"balance", "write", "embed", "score", "rewrite", "audit"})
 _ARRAY = re.compile(r"^(\d+)(?:-(\d+))?(?:%(\d+))?$")
 
 
