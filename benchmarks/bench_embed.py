@@ -10,6 +10,7 @@ process. The figure is the throughput ratio curate / reference (target ≥ 1.5 o
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import tempfile
@@ -26,11 +27,15 @@ from curate.demo.synthetic import generate_shards
 from curate.embedding.stage import ModelSpec, embed_shards
 from curate.embedding.store import RunFolder
 
+WEBDATASET_OPTIONS = inspect.signature(wds.WebDataset.__init__).parameters
+
 
 def reference_loop(urls: list[str], model, batch_size: int) -> int:
     """Single process: read, decode, preprocess, tokenize, embed."""
+    # empty_check exists from webdataset 0.2.87 on; the train extra pins <= 0.2.86.
+    options = {"empty_check": False} if "empty_check" in WEBDATASET_OPTIONS else {}
     dataset = (
-        wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        wds.WebDataset(urls, shardshuffle=False, **options)
         .decode("pil")
         .to_tuple("jpg", "txt", handler=wds.warn_and_continue)
     )
