@@ -379,3 +379,50 @@ def test_normsim_rejects_bad_input(pool_target: tuple[np.ndarray, np.ndarray]) -
         normsim(f, p=math.inf, device="cpu")
     with pytest.raises(ValueError, match="needs a target or a precomputed moment"):
         normsim(f, p=2, device="cpu")
+
+
+def test_pool_index_keeps_the_first_embedded_occurrence_of_each_uid() -> None:
+    """PoolIndex.first_occurrences against a dictionary walk over the rows in pool order."""
+    import pyarrow as pa
+
+    from curate.io.uid_files import uid_bytes, uids_to_pairs
+    from curate.scoring.pool import PoolIndex
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        n = int(rng.integers(0, 60))
+        vocabulary = [f"{int(v):032x}" for v in rng.integers(0, 2**62, size=8)]
+        uids = [vocabulary[int(i)] for i in rng.integers(0, 8, size=n)]
+        embedded = rng.random(n) < 0.7
+        index = PoolIndex(
+            stems=["a"],
+            uids=uid_bytes(pa.array(uids, pa.string())),
+            embedded=embedded,
+            shard_of=np.zeros(n, np.int32),
+            rows_per_shard=np.array([n]),
+        )
+        kept, first = index.first_occurrences()
+        seen: dict[str, int] = {}
+        for i, uid in enumerate(uids):
+            if not embedded[i]:
+                assert not kept[i] and first[i] == -1
+                continue
+            assert kept[i] == (uid not in seen)
+            seen.setdefault(uid, i)
+            assert first[i] == seen[uid]
+        pairs = uids_to_pairs(uids)
+        halves = index.uids.view(">u8")
+        assert (halves[:, 0] == pairs["f0"]).all() and (halves[:, 1] == pairs["f1"]).all()
+
+
+def test_uid_bytes_refuses_malformed_uids() -> None:
+    import pyarrow as pa
+
+    from curate.io.uid_files import uid_bytes
+
+    with pytest.raises(ValueError, match="32 hex"):
+        uid_bytes(pa.array(["abc"]))
+    with pytest.raises(ValueError, match="hexadecimal"):
+        uid_bytes(pa.array(["g" * 32]))
+    with pytest.raises(ValueError, match="nulls"):
+        uid_bytes(pa.array([None, "0" * 32]))

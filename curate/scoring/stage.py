@@ -34,8 +34,12 @@ from curate.runtime.stage import MapStage, Unit, UnitFailure, run_map
 from curate.scoring.clipscore import clipscore
 from curate.scoring.negclip import negclip
 from curate.scoring.normsim import normsim, second_moment
+from curate.scoring.pool import EmbeddingStore, PoolIndex
 
 METRICS = ("clipscore", "negclip", "normsim")
+SCORE_META_FIELDS = [
+    pa.field(c, pa.int32() if c in ("width", "height") else pa.string()) for c in META_COLUMNS
+]  # the embedding tables' metadata, as scores.parquet stores them
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
@@ -155,30 +159,6 @@ def load_pool(
         for name, parts in embs.items()
     }
     return meta, arrays
-
-
-def mark_duplicate_uids(meta: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """Later OK rows whose uid was already seen become `duplicate_uid` failures.
-
-    Returns the updated table and a mask over the previously-OK rows saying which stay OK.
-    """
-    uids = meta.column("uid").to_pylist()
-    errors = meta.column("error").to_pylist()
-    shards = meta.column("shard").to_pylist()
-    seen: dict[str, str] = {}
-    keep: list[bool] = []
-    for i, (uid, err) in enumerate(zip(uids, errors, strict=True)):
-        if err is not None:
-            continue
-        if uid in seen:
-            errors[i] = f"duplicate_uid: uid also in shard {seen[uid]}"
-            keep.append(False)
-        else:
-            seen[uid] = shards[i]
-            keep.append(True)
-    index = meta.schema.get_field_index("error")
-    meta = meta.set_column(index, "error", pa.array(errors, pa.string()))
-    return meta, np.array(keep, dtype=bool)
 
 
 def summarize(values: np.ndarray) -> dict[str, float]:
@@ -329,22 +309,16 @@ class ScoreStage(MapStage):
         )
         return {"samples": meta.num_rows, "scored": int(ok.sum())}
 
-    def read_columns(self, stems: Sequence[str]) -> dict[str, np.ndarray]:
-        """The map's columns over `stems` (in that order) as float32 arrays, NaN where null."""
-        parts: dict[str, list[np.ndarray]] = {c: [] for c in self.columns.values()}
-        for stem in stems:
-            path = self.part_path(stem)
-            try:
-                table = pq.read_table(path)
-            except (OSError, pa.ArrowInvalid) as exc:
-                raise RunFolderError(f"cannot read {path}: {exc}") from exc
-            for column, chunks in parts.items():
-                chunks.append(
-                    table.column(column).to_numpy(zero_copy_only=False).astype(np.float32)
-                )
+    def read_part(self, stem: str) -> dict[str, np.ndarray]:
+        """The map's columns of one shard as float32 arrays over its rows, NaN where null."""
+        path = self.part_path(stem)
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise RunFolderError(f"cannot read {path}: {exc}") from exc
         return {
-            c: np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-            for c, chunks in parts.items()
+            column: table.column(column).to_numpy(zero_copy_only=False).astype(np.float32)
+            for column in self.columns.values()
         }
 
 
@@ -410,60 +384,81 @@ def score_run(
         report.seconds = time.perf_counter() - start
         return report
 
-    meta, emb = load_pool(
-        run, stems, with_embeddings=["image_emb", "text_emb"] if "negclip" in metrics else []
-    )
-    ok_before = np.asarray(meta.column("error").is_null())
-    meta, keep = mark_duplicate_uids(meta)
-    ok = np.asarray(meta.column("error").is_null())
-    assert int(ok_before.sum()) == keep.size
-
-    report.read, report.scored = meta.num_rows, int(ok.sum())
+    index = PoolIndex.read(run, stems)
+    kept, first = index.first_occurrences()  # scored: embedded rows whose uid is new
+    report.read, report.scored = index.rows, int(kept.sum())
     report.failed = report.read - report.scored
-    report.failures = dict(
-        sorted(Counter(failure_code(e) for e in meta.column("error").to_pylist() if e).items())
-    )
     report.params = {"model": {k: model[k] for k in ("model", "pretrained", "fingerprint")}}
-    columns: dict[str, np.ndarray] = {}  # values of the OK rows
-    row_values = stage.read_columns(stems) if stage.metrics else {}
-    for metric, column in stage.columns.items():
-        columns[column] = row_values[column][ok]
-        if metric == "normsim":
-            assert target is not None
-            report.params["normsim"] = target.params()
+    if target is not None:
+        report.params["normsim"] = target.params()
+    negclip_values = np.zeros(0, np.float32)
     if "negclip" in metrics:
-        image, text = emb["image_emb"][keep], emb["text_emb"][keep]
-        assert image.shape[0] == report.scored
         tau = negclip_opts.temperature or 1.0 / float(model["logit_scale"])
-        batch = min(negclip_opts.batch_size, max(image.shape[0], 1))
-        if image.shape[0]:
-            columns["negclip"] = negclip(
-                image,
-                text,
-                temperature=tau,
-                batch_size=batch,
-                k=negclip_opts.k,
-                seed=negclip_opts.seed,
-                device=device,
-            )
-        else:
-            columns["negclip"] = np.zeros(0, np.float32)
+        batch = min(negclip_opts.batch_size, max(report.scored, 1))
+        if report.scored:
+            with EmbeddingStore(run, index, kept) as store:
+                image, text = store.arrays()
+                negclip_values = negclip(
+                    image,
+                    text,
+                    temperature=tau,
+                    batch_size=batch,
+                    k=negclip_opts.k,
+                    seed=negclip_opts.seed,
+                    device=device,
+                )
         report.params["negclip"] = {
             "batch_size": batch,
             "k": negclip_opts.k,
             "temperature": tau,
             "seed": negclip_opts.seed,
-            "pool": int(image.shape[0]),
+            "pool": report.scored,
         }
-
-    table = meta
-    for name in _column_order(metrics, stage):
-        table = table.append_column(name, _masked(columns[name], ok))
-        report.quantiles[name] = summarize(columns[name])
-    table = table.append_column(
-        "status", pa.array(np.where(ok, "scored", "failed").tolist(), pa.string())
+    names = _column_order(metrics, stage)
+    schema = pa.schema(
+        [*SCORE_META_FIELDS, *(pa.field(n, pa.float32()) for n in names), ("status", pa.string())]
     )
-    write_atomic(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    failures: Counter[str] = Counter()
+    scored_values: dict[str, list[np.ndarray]] = {name: [] for name in names}
+
+    def write_tables(path: Path) -> None:
+        """One row group per shard: its metadata, errors with duplicates marked, scores."""
+        at = 0  # position among the scored rows, in pool order (negclip's order)
+        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+            for s, stem in enumerate(index.stems):
+                start, stop = index.bounds(s)
+                scored = kept[start:stop]
+                meta = run.read_shard(stem, META_COLUMNS)
+                errors = meta.column("error").to_pylist()
+                for i in np.flatnonzero(index.embedded[start:stop] & ~scored):
+                    earlier = index.stems[index.shard_of[first[start + i]]]
+                    errors[i] = f"duplicate_uid: uid also in shard {earlier}"
+                failures.update(failure_code(e) for e in errors if e)
+                columns = {c: meta.column(c) for c in META_COLUMNS}
+                columns["error"] = pa.array(errors, pa.string())
+                part = stage.read_part(stem) if stage.metrics else {}
+                count = int(scored.sum())
+                for name in names:
+                    values = (
+                        negclip_values[at : at + count] if name == "negclip" else part[name][scored]
+                    )
+                    scored_values[name].append(values)
+                    columns[name] = _masked(values, scored)
+                columns["status"] = pa.array(
+                    np.where(scored, "scored", "failed").tolist(), pa.string()
+                )
+                writer.write_table(pa.table(columns, schema=schema))
+                at += count
+            if not index.stems:
+                writer.write_table(schema.empty_table())
+
+    write_atomic(out, write_tables)
+    report.failures = dict(sorted(failures.items()))
+    for name in names:
+        values = scored_values[name]
+        report.quantiles[name] = summarize(
+            np.concatenate(values) if values else np.zeros(0, np.float32)
+        )
     for stem in stems:
         record = run.read_shard_record(stem)
         if record and record.truncated:
