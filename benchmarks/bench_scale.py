@@ -1,0 +1,169 @@
+"""Peak memory per sample of the reduces as the pool grows tenfold (issue 15: flat in N).
+
+Synthetic pools are written straight into the project's formats, skipping the model: a run
+folder of random unit float16 embeddings (shards of --per-shard rows, one uid in 1,000 repeated
+from an earlier shard, one row in 200 failed). Each size is measured in a fresh process; a
+sampler thread records the peak of anonymous memory (RssAnon: what the process itself holds)
+and of file-backed pages (RssFile: mostly the memory-mapped embedding store, which the kernel
+can evict), reported apart, in bytes per pool sample.
+
+    python benchmarks/bench_scale.py --stage score --sizes 100000 1000000 --dim 64
+
+Stages: score (the reduce of `curate score -m negclip -m clipscore`; the clipscore map is run
+first and not measured; negclip with a small |B| and K=1, so the time is the reduce's own work
+rather than the matmuls). Other stages (select, balance, rebalance, the write plan) join here as
+their reduces become bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_run(folder: Path, samples: int, per_shard: int, dim: int, seed: int = 0) -> list[str]:
+    """A run folder with `samples` rows of random unit embeddings; returns its stems."""
+    from curate.embedding.loader import SampleRow
+    from curate.embedding.store import RunFolder
+
+    run = RunFolder(folder)
+    record = {
+        "model": "synthetic", "architecture": "synthetic", "pretrained": None,
+        "precision": "fp32", "fingerprint": "synthetic-" + "0" * 16, "embed_dim": dim,
+        "logit_scale": 100.0, "preprocess": "none", "context_length": 77,
+    }  # fmt: skip
+    shards = (samples + per_shard - 1) // per_shard
+    stems = [f"{s:05d}" for s in range(shards)]
+    run.bind_model(record, {s: f"synthetic://{s}.tar" for s in stems}, embedding=False)
+    rng = np.random.default_rng(seed)
+    for s, stem in enumerate(stems):
+        n = min(per_shard, samples - s * per_shard)
+        base = s * per_shard
+        rows = []
+        for i in range(n):
+            row = base + i
+            # every 1000th row repeats the uid of the row 1000 before it (an earlier shard)
+            uid_of = row - 1000 if row % 1000 == 999 and row >= 1000 else row
+            error = "decode_error: synthetic" if row % 200 == 7 else None
+            rows.append(SampleRow(i, f"{uid_of:032x}", f"{stem}{i:05d}", f"caption {row}", error))
+        ok = sum(r.error is None for r in rows)
+        image = rng.standard_normal((ok, dim)).astype(np.float32)
+        text = image + 0.5 * rng.standard_normal((ok, dim)).astype(np.float32)
+        image /= np.linalg.norm(image, axis=1, keepdims=True)
+        text /= np.linalg.norm(text, axis=1, keepdims=True)
+        run.write_shard(
+            stem, f"synthetic://{stem}.tar", rows, image.astype(np.float16),
+            text.astype(np.float16), fingerprint=record["fingerprint"], source=None,
+        )  # fmt: skip
+    return stems
+
+
+class Sampler:
+    """Peak RssAnon and RssFile of this process, sampled every 5 ms."""
+
+    def __init__(self) -> None:
+        self.anon = self.file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read() -> tuple[int, int]:
+        fields = {}
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                    name, value, _ = line.split()
+                    fields[name[:-1]] = int(value) * 1024
+        return fields["RssAnon"], fields["RssFile"] + fields.get("RssShmem", 0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            anon, file = self.read()
+            self.anon, self.file = max(self.anon, anon), max(self.file, file)
+            time.sleep(0.005)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure_score(folder: Path, batch: int) -> dict[str, float]:
+    """In this (fresh) process: the clipscore map unmeasured, then the reduce measured."""
+    import gc
+
+    from curate.embedding.store import RunFolder
+    from curate.scoring.stage import NegclipOptions, score_run
+
+    run = RunFolder(folder)
+    stems = run.complete_stems()
+    score_run(run, stems, ["clipscore"], out=folder / "map-only.parquet", device="cpu")
+    gc.collect()
+    base_anon, base_file = Sampler.read()
+    start = time.perf_counter()
+    with Sampler() as sampler:
+        report = score_run(
+            run, stems, ["clipscore", "negclip"], out=folder / "scores.parquet",
+            negclip_opts=NegclipOptions(batch_size=batch, k=1), device="cpu",
+        )  # fmt: skip
+    return {
+        "rows": report.read,
+        "scored": report.scored,
+        "seconds": time.perf_counter() - start,
+        "anon_peak_bytes": sampler.anon - base_anon,
+        "file_peak_bytes": sampler.file - base_file,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=["score"], default="score")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--per-shard", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--negclip-batch", type=int, default=256)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one size, this process
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure_score(Path(args.measure), args.negclip_batch)))
+        return
+    results = []
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+            folder = Path(tmp) / "run"
+            started = time.perf_counter()
+            make_run(folder, size, args.per_shard, args.dim)
+            made = time.perf_counter() - started
+            done = subprocess.run(
+                [sys.executable, __file__, "--measure", str(folder),
+                 "--negclip-batch", str(args.negclip_batch)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result |= {
+                "size": size,
+                "dim": args.dim,
+                "generate_seconds": round(made, 1),
+                "anon_bytes_per_sample": round(result["anon_peak_bytes"] / size, 1),
+                "file_bytes_per_sample": round(result["file_peak_bytes"] / size, 1),
+                "memmap_bytes_per_sample": 2 * 2 * args.dim,
+            }
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    ratio = results[-1]["anon_bytes_per_sample"] / max(results[0]["anon_bytes_per_sample"], 1)
+    print(json.dumps({"benchmark": "scale", "stage": args.stage, "anon_ratio_last_first": ratio}))
+
+
+if __name__ == "__main__":
+    main()
