@@ -1,4 +1,4 @@
-"""Throughput of MetaCLIP sub-string matching (`curate.balance.matching.Matcher`) against the
+"""Throughput of MetaCLIP sub-string matching (`curate.balancing.matching.Matcher`) against the
 naive loop of MetaCLIP's original code, plus build time and memory of a 500k-entry automaton.
 
 Data (synthetic, seeded, no downloads): a vocabulary of pseudo-words (letters drawn with English
@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 
 from peak_memory import peak_rss
 
-from curate.balance.matching import Matcher, pad_text
+from curate.balancing.matching import Matcher, pad_text
 
 MIN_SECONDS = 0.2  # shortest timing of a fast side (it loops over its captions)
 

@@ -1,4 +1,4 @@
-"""Cost of the systematic subset draw (`curate.balance.draws`) against the per-uid coin, and how
+"""Cost of the systematic subset draw (`curate.balancing.draws`) against the per-uid coin, and how
 far each lands from the weights' expected counts, on the same synthetic pool in the same run.
 
 Pool (synthetic, seeded): N samples; each carries 0-3 concepts drawn Zipf-like from `--concepts`
@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from peak_memory import peak_rss
 
-from curate.balance.draws import DrawRule, class_keys, draw_subset
+from curate.balancing.draws import DrawRule, class_keys, draw_subset
 
 
 def make_pool(n: int, concepts: int, seed: int):

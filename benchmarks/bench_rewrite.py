@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from llm_stub import StubConfig, StubServer  # noqa: E402
 
-from curate.rewrite.backends import OpenAIBackend  # noqa: E402
-from curate.rewrite.cache import RequestCache  # noqa: E402
-from curate.rewrite.engine import EngineOptions, Job, run_jobs_async  # noqa: E402
-from curate.rewrite.prompts import load_prompts  # noqa: E402
-from curate.rewrite.validate import check_rewrite  # noqa: E402
+from curate.rewriting.backends import OpenAIBackend  # noqa: E402
+from curate.rewriting.cache import RequestCache  # noqa: E402
+from curate.rewriting.engine import EngineOptions, Job, run_jobs_async  # noqa: E402
+from curate.rewriting.prompts import load_prompts  # noqa: E402
+from curate.rewriting.validate import check_rewrite  # noqa: E402
 
 
 def measure(latency: float, concurrency: int, rounds: int) -> dict[str, float]:

@@ -30,9 +30,9 @@ from typing import Any, ClassVar
 
 import polars as pl
 
-from curate.balance.matching import MatchMode, Normalization
-from curate.balance.metadata import load_metadata
-from curate.balance.stage import MatchStage
+from curate.balancing.matching import MatchMode, Normalization
+from curate.balancing.metadata import load_metadata
+from curate.balancing.stage import MatchStage
 from curate.io.captions import resolve_units
 from curate.runtime.atomic import write_atomic
 from curate.runtime.executors import InlineExecutor, ProcessExecutor, RayExecutor

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from curate.balance.metadata import load_metadata
+from curate.balancing.metadata import load_metadata
 from curate.fairness.audit import AuditOptions, audit
 from curate.fairness.rebalance import RebalanceOptions, rebalance
 from curate.fairness.spec import load_spec

@@ -13,28 +13,21 @@ from pathlib import Path
 
 import polars as pl
 
+import curate
 from curate.demo.synthetic import generate_shards
-from curate.embedding.stage import prepare_run
-from curate.scoring.stage import NegclipOptions, score_run
+from curate.embedding.stage import EmbedConfig
+from curate.scoring.stage import NegclipOptions, ScoreConfig
 
 
 def main(workdir: Path) -> pl.DataFrame:
     data = generate_shards(workdir / "shards", num_samples=200, samples_per_shard=100, seed=1)
-    prepared = prepare_run(
-        [str(p) for p in data.shards],
-        workdir / "run",
-        model="curate-tiny",  # any open_clip name, e.g. "ViT-B-32" with pretrained="openai"
-        pretrained="none",
-        num_workers=0,
-        progress=False,
+    config = ScoreConfig(
+        metrics=["clipscore", "negclip"],
+        negclip=NegclipOptions(batch_size=64, k=5, seed=0),
+        # any open_clip name, e.g. model="ViT-B-32", pretrained="openai"
+        embed=EmbedConfig(model="curate-tiny", pretrained="none", workers=0),
     )
-    report = score_run(
-        prepared.run,
-        prepared.stems,
-        ["clipscore", "negclip"],
-        out=prepared.run.path / "scores.parquet",
-        negclip_opts=NegclipOptions(batch_size=64, k=5, seed=0),
-    )
+    report = curate.score([str(p) for p in data.shards], workdir / "run", config, progress=False)
     print(f"read {report.read}, scored {report.scored}, failed {report.failed}")
     scores = pl.read_parquet(report.out)
     print(scores.sort("negclip", descending=True, nulls_last=True).head(5))

@@ -19,10 +19,10 @@ from clikit import run_cli
 from resharder_oracle import assert_resharder_accepts
 from shardkit import make_image_bytes, make_shard, sample_members, write_tar
 
-from curate.balance.draws import DrawRule
-from curate.balance.matching import pad_text
-from curate.balance.metadata import load_metadata, save_metadata
-from curate.balance.stage import (
+from curate.balancing.draws import DrawRule
+from curate.balancing.matching import pad_text
+from curate.balancing.metadata import load_metadata, save_metadata
+from curate.balancing.stage import (
     DECISIONS_TABLE,
     ENTRY_COUNTS_TABLE,
     MATCHES_DIR,
@@ -162,7 +162,7 @@ def test_draw_rules_keep_the_published_probabilities(
 ) -> None:
     """independent: MetaCLIP's coin per text (u < p, u the seeded uniform of the uid).
     systematic (default): texts matching the same entries keep ⌊Σp⌋ or ⌈Σp⌉ of themselves."""
-    from curate.balance.sampling import uniform_draws
+    from curate.balancing.sampling import uniform_draws
     from curate.io.uid_files import uids_to_pairs
 
     captions = make_pool(tmp_path / "shards", shards=2, per_shard=300, seed=seed)

@@ -1,4 +1,4 @@
-"""Independent checks of `curate.balance.matching` and `curate.balance.sampling`.
+"""Independent checks of `curate.balancing.matching` and `curate.balancing.sampling`.
 
 Every oracle here is written from the published rules (MetaCLIP, Xu et al. 2023) and the
 documented rules of `curate balance`, never from the fast-path code: matching is a loop of
@@ -20,8 +20,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from curate.balance.matching import Matcher, MatchMode, never_matches, pad_text
-from curate.balance.sampling import (
+from curate.balancing.matching import Matcher, MatchMode, never_matches, pad_text
+from curate.balancing.sampling import (
     DEFAULT_TAIL_SHARE,
     count_entries,
     entry_probabilities,

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from shardkit import make_shard
 
-from curate.balance.metadata import load_metadata
+from curate.balancing.metadata import load_metadata
 from curate.errors import CurateError, InputError
 from curate.fairness.spec import load_spec
 from curate.fairness.swap import load_swap_table
 from curate.io.text_files import read_text_file
 from curate.models.loading import load_model
-from curate.rewrite.prompts import load_prompts
+from curate.rewriting.prompts import load_prompts
 
 GiB = 1 << 30
 TINY = Path(__file__).parent.parent / "curate" / "models" / "configs" / "curate-tiny.json"
@@ -234,10 +234,10 @@ def test_prompt_and_swap_errors_never_repeat_huge_values(tmp_path: Path) -> None
 _LOADERS = """
 import json, sys
 from curate.errors import CurateError
-from curate.balance.metadata import load_metadata
+from curate.balancing.metadata import load_metadata
 from curate.fairness.spec import load_spec
 from curate.fairness.swap import load_swap_table
-from curate.rewrite.prompts import load_prompts
+from curate.rewriting.prompts import load_prompts
 
 messages = {}
 for name, load in [("spec", load_spec), ("metadata", load_metadata),

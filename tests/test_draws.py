@@ -14,8 +14,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from curate.balance.draws import DrawRule, class_keys, draw_subset
-from curate.balance.sampling import uniform_draws
+from curate.balancing.draws import DrawRule, class_keys, draw_subset
+from curate.balancing.sampling import uniform_draws
 from curate.io.uid_files import uids_to_pairs
 
 

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from fairkit import OCCUPATIONS, people_rows, write_people_shards
 
-from curate.balance.metadata import load_metadata
+from curate.balancing.metadata import load_metadata
 from curate.errors import InputError
 from curate.fairness.audit import AuditOptions, audit, read_audit
 from curate.fairness.lexicon import MIXED, caption_labels, caption_mentions_person

@@ -18,10 +18,10 @@ import pytest
 from clikit import run_cli
 from shardkit import make_shard
 
-from curate.balance.matching import Matcher, MatchMode, pad_text
-from curate.balance.metadata import load_metadata, save_metadata
-from curate.balance.sampling import DEFAULT_TAIL_SHARE, TailRule, threshold_from_tail_share
-from curate.balance.stage import (
+from curate.balancing.matching import Matcher, MatchMode, pad_text
+from curate.balancing.metadata import load_metadata, save_metadata
+from curate.balancing.sampling import DEFAULT_TAIL_SHARE, TailRule, threshold_from_tail_share
+from curate.balancing.stage import (
     MATCHES_DIR,
     REPORT_JSON,
     BalanceSpec,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.balance.build import (
+from curate.balancing.build import (
     NUMBER_ENTRIES,
     NgramResult,
     SourceCount,
@@ -21,7 +21,7 @@ from curate.balance.build import (
     read_word_list,
     read_wordnet,
 )
-from curate.balance.metadata import (
+from curate.balancing.metadata import (
     Metadata,
     load_metadata,
     metadata_sha256,

@@ -18,11 +18,17 @@ from fairkit import OCCUPATIONS, people_rows, write_people_shards
 TINY = ["--model", "curate-tiny", "--pretrained", "none", "--workers", "1", "--batch-size", "8"]
 REPO = Path(__file__).resolve().parents[1]
 # Summaries name their own folder and time themselves; every other file must be equal.
-SUMMARIES = {"scores.json", "select.json", "balance.json", "audit.json", "rewrite.json"}
+SUMMARIES = {
+    "scores.json", "select.json", "balance.json", "audit.json", "rewrite.json", "rebalance.json",
+}  # fmt: skip
 MAPPED = {"score", "write", "balance", "audit", "rewrite"}  # the stages with units
-# Summary keys about one invocation, not the result: paths, timings, and rewrite's requests
-# sent or found cached by this call (a reduce after array tasks finds them all cached).
-IN_RUN = {"seconds", "out", "source", "target", "task", "executor", "cached", "requests_sent"}
+# Summary keys about one invocation, not the result: paths, timings (rebalance's solver message
+# says how long it took), and rewrite's requests sent or found cached by this call (a reduce
+# after array tasks finds them all cached).
+IN_RUN = {
+    "seconds", "out", "source", "target", "audit", "message", "task", "executor", "cached",
+    "requests_sent",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +58,7 @@ def _stages(shards: Path, concepts: Path, out: Path) -> list[tuple[str, list[str
                    "--out", str(out / "audit")]),
         ("rewrite", ["rewrite", str(shards), "--backend", "rules", "--num-rewrites", "2",
                      "-o", str(out / "rewrites")]),
+        ("rebalance", ["rebalance", str(out / "audit"), "--out", str(out / "rebalanced")]),
     ]  # fmt: skip
 
 
@@ -85,11 +92,7 @@ def _summaries(out: Path) -> dict[str, dict]:
 
     def clean(value: object) -> object:
         if isinstance(value, dict):
-            return {
-                k: clean(v)
-                for k, v in value.items()
-                if k not in IN_RUN
-            }
+            return {k: clean(v) for k, v in value.items() if k not in IN_RUN}
         if isinstance(value, list):
             return [clean(v) for v in value]
         return value
@@ -105,9 +108,45 @@ def _summaries(out: Path) -> dict[str, dict]:
 def local(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("local")
     for _, args in _stages(*inputs, out):
-        _curate([*args, "--no-progress"] if args[0] != "select" else args, out)
+        _curate([*args, "--no-progress"] if args[0] not in ("select", "rebalance") else args, out)
     assert (out / "written" / "manifest.json").is_file()
     return out
+
+
+# Where each stage logs its own work, and a line its log must hold.
+STAGE_LOGS = {
+    "run/.curate/embed": "embed: finished",
+    "run/.curate/score": '"scored": 150',
+    "subset/.curate/select": "select: finished",
+    "written/.curate/write": "write: finished",
+    "balanced/.curate/balance": "balance: finished",
+    "audit/.curate/audit": "audit: finished",
+    "rewrites/.curate/rewrite": "rewrite: finished",
+    "rebalanced/.curate/rebalance": "rebalance: finished",
+}
+
+
+def test_every_stage_logs_into_its_output_folder(local: Path) -> None:
+    for folder, line in STAGE_LOGS.items():
+        log = (local / folder / "logs" / "reduce.log").read_text()
+        assert line in log, (folder, log[-500:])
+        assert " INFO curate." in log
+
+
+def test_log_level_shows_the_log_on_stderr_and_keeps_json_pure(
+    local: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clikit import run_cli
+
+    args = ["select", str(local / "run"), "--top", "negclip:0.5", "--out", str(tmp_path / "s")]
+    code, out, err = run_cli(["--log-level", "info", *args, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["selected"] == 76
+    assert "select: finished" in err
+    code, out, err = run_cli([*args, "--json"], capsys)  # the level does not stick
+    assert code == 0 and "select: finished" not in err
+    code, _, err = run_cli(["--log-level", "loud", *args], capsys)
+    assert code == 2 and "--log-level must be one of" in err
 
 
 def test_ray_gives_the_local_outputs(

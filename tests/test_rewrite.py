@@ -22,11 +22,11 @@ from llm_stub import BOILERPLATE_PREFIX, REFUSAL_TEXT, StubConfig, StubServer
 from shardkit import make_image_bytes, make_shard, sample_members, write_tar
 
 from curate.errors import InputError
-from curate.rewrite.backends import OpenAIBackend, RulesBackend
-from curate.rewrite.engine import EngineOptions, RewriteAborted
-from curate.rewrite.prompts import load_prompts
-from curate.rewrite.stage import CACHE_DIR, REWRITES_DIR, RewriteOptions, rewrite_source
-from curate.rewrite.validate import check_rewrite
+from curate.rewriting.backends import OpenAIBackend, RulesBackend
+from curate.rewriting.engine import EngineOptions, RewriteAborted
+from curate.rewriting.prompts import load_prompts
+from curate.rewriting.stage import CACHE_DIR, REWRITES_DIR, RewriteOptions, rewrite_source
+from curate.rewriting.validate import check_rewrite
 
 FAST = EngineOptions(concurrency=16, backoff=0.001, max_backoff=0.01, max_retries=8)
 PATIENT = EngineOptions(
@@ -186,7 +186,7 @@ def test_changing_prompts_or_sampling_makes_new_requests(tmp_path: Path) -> None
             rewrite_source(source, openai_backend(stub), load_prompts(), tmp_path / "o", options)
         assert len(stub.requests) == n * 2  # index 0 was cached for the second run
         stub.reset_counters()
-        from curate.rewrite.backends import SamplingParams
+        from curate.rewriting.backends import SamplingParams
 
         hotter = RewriteOptions(num_rewrites=2, params=SamplingParams(temperature=1.2))
         backend = openai_backend(stub, params=hotter.params)
@@ -423,7 +423,7 @@ class _FakeSamplingParams:
 def test_vllm_backend_batches_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import types
 
-    from curate.rewrite.backends import VLLMBackend
+    from curate.rewriting.backends import VLLMBackend
 
     fake = types.ModuleType("vllm")
     fake.LLM = _FakeLLM  # type: ignore[attr-defined]
@@ -444,7 +444,7 @@ def test_vllm_backend_batches_requests(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_vllm_backend_missing_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from curate.rewrite.backends import VLLMBackend
+    from curate.rewriting.backends import VLLMBackend
 
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(InputError, match=r"curate\[vllm\]"):

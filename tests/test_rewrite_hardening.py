@@ -24,19 +24,19 @@ from shardkit import make_shard
 
 from curate.cli import app as cli_app
 from curate.errors import InputError
-from curate.rewrite import backends, validate
-from curate.rewrite.backends import OpenAIBackend, RulesBackend, SamplingParams
-from curate.rewrite.cache import CachedResult, RequestCache
-from curate.rewrite.engine import EngineOptions, Job, RewriteAborted, run_jobs_async
-from curate.rewrite.prompts import load_prompts
-from curate.rewrite.stage import (
+from curate.rewriting import backends, validate
+from curate.rewriting.backends import OpenAIBackend, RulesBackend, SamplingParams
+from curate.rewriting.cache import CachedResult, RequestCache
+from curate.rewriting.engine import EngineOptions, Job, RewriteAborted, run_jobs_async
+from curate.rewriting.prompts import load_prompts
+from curate.rewriting.stage import (
     LEGACY_CACHE_FILE,
     REWRITES_DIR,
     RewriteOptions,
     _setting,
     rewrite_source,
 )
-from curate.rewrite.validate import MAX_CLIP_TOKENS, check_rewrite, clip_token_count
+from curate.rewriting.validate import MAX_CLIP_TOKENS, check_rewrite, clip_token_count
 
 FAST = EngineOptions(concurrency=8, backoff=0.001, max_backoff=0.01, max_retries=4)
 

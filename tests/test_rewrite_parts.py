@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from curate.errors import InputError
-from curate.rewrite import validate
-from curate.rewrite.prompts import (
+from curate.rewriting import validate
+from curate.rewriting.prompts import (
     DEFAULT_PROMPTS,
     PromptTemplate,
     build_chat_messages,
@@ -26,7 +26,7 @@ from curate.rewrite.prompts import (
     load_prompts,
     one_line,
 )
-from curate.rewrite.rules import (
+from curate.rewriting.rules import (
     ADDED_FRAMES,
     DISTINCT_INDEXES,
     FRAME_MARGIN,
@@ -35,7 +35,7 @@ from curate.rewrite.rules import (
     SYNONYMS,
     rules_rewrite,
 )
-from curate.rewrite.validate import (
+from curate.rewriting.validate import (
     MAX_CLIP_TOKENS,
     REASONS,
     approx_token_count,

@@ -29,11 +29,11 @@ from clikit import run_cli
 from llm_stub import StubConfig, StubServer
 from shardkit import make_shard
 
-from curate.rewrite.backends import OpenAIBackend, RulesBackend, VLLMBackend
-from curate.rewrite.cache import CachedResult, RequestCache
-from curate.rewrite.engine import EngineOptions
-from curate.rewrite.prompts import load_prompts
-from curate.rewrite.stage import (
+from curate.rewriting.backends import OpenAIBackend, RulesBackend, VLLMBackend
+from curate.rewriting.cache import CachedResult, RequestCache
+from curate.rewriting.engine import EngineOptions
+from curate.rewriting.prompts import load_prompts
+from curate.rewriting.stage import (
     CACHE_DIR,
     EARLIER_UNIT,
     LEGACY_CACHE_FILE,

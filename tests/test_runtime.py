@@ -209,7 +209,7 @@ def test_cpu_stages_do_not_import_torch() -> None:
 
     code = (
         "import sys; import curate.cli.app, curate.selection.stage, curate.writing.stage, "
-        "curate.balance.stage, curate.runtime.executors, curate.runtime.status; "
+        "curate.balancing.stage, curate.runtime.executors, curate.runtime.status; "
         "print('torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

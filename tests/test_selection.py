@@ -769,8 +769,11 @@ def test_outputs_are_datacomp_and_reproducible(tmp_path: Path) -> None:
     first_json.pop("out"), second_json.pop("out")
     assert first_json == second_json
     assert sorted(p.name for p in first.iterdir()) == [
+        ".curate",  # the stage's log only
         "decisions.parquet",
         "select.json",
         "subset.npy",
         "subset.parquet",
     ]
+    log = (first / ".curate/select/logs/reduce.log").read_text(encoding="utf-8")
+    assert log.count("select: finished") == 2 and "\"after\": 34" in log

@@ -242,7 +242,7 @@ def test_huge_prompts_through_a_loaded_model_reach_bpe_bounded(
 
 def test_rewrite_counts_with_the_same_cut(monkeypatch: pytest.MonkeyPatch) -> None:
     """The validator's count is the shared one: a huge word never reaches BPE at all."""
-    from curate.rewrite import validate
+    from curate.rewriting import validate
 
     tokenizer = validate._clip_tokenizer()
     seen = _spy_bpe(tokenizer, monkeypatch)
@@ -254,8 +254,8 @@ def test_rules_rewrite_of_a_huge_caption_reaches_bpe_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The rules rewriter ranks its fallback options by a capped count, never a 1 MB word."""
-    from curate.rewrite import validate
-    from curate.rewrite.rules import rules_rewrite
+    from curate.rewriting import validate
+    from curate.rewriting.rules import rules_rewrite
 
     seen = _spy_bpe(validate._clip_tokenizer(), monkeypatch)
     for caption in _huge_captions()[:2]:

@@ -12,7 +12,7 @@ import click
 import typer
 
 from curate import __version__
-from curate.errors import CurateError, describe_os_error
+from curate.errors import CurateError, InputError, describe_os_error
 from curate.runtime.progress import stderr_console
 
 app = typer.Typer(
@@ -45,7 +45,8 @@ def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
 _USAGE_ERRORS = _exception_classes("UsageError")
 _ABORTS = (*_exception_classes("Abort"), typer.Abort, KeyboardInterrupt)
 
-_state = {"debug": os.environ.get("CURATE_DEBUG", "") not in ("", "0")}
+_state = {"debug": False}
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
 def _version(value: bool) -> None:
@@ -59,15 +60,51 @@ def _root(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show full tracebacks and library logs on errors.")
     ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            "-l",
+            help="Show curate's log on stderr from this level: info (what each stage read, "
+            "decided and wrote), debug, or warning. Every stage also logs to "
+            "OUT/.curate/STAGE/logs/ whatever this says. Env: CURATE_LOG_LEVEL.",
+            envvar="CURATE_LOG_LEVEL",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
-    _state["debug"] = _state["debug"] or debug
+    _state["debug"] = debug or os.environ.get("CURATE_DEBUG", "") not in ("", "0")
     # Libraries (open_clip, huggingface_hub) log retries and errors on the root logger; the CLI
     # reports problems itself as one line, so their chatter is only shown with --debug.
     logging.basicConfig(level=logging.INFO if _state["debug"] else logging.CRITICAL, force=True)
+    _show_curate_log(log_level)
+
+
+def _show_curate_log(level_name: str | None) -> None:
+    """The `curate` logger's records at `level_name` and above on stderr, through the console
+    the progress bars use (so lines print above a running bar); none without a level."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("curate")
+    for handler in [h for h in logger.handlers if getattr(h, "_curate_cli", False)]:
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+    if level_name is None:
+        return
+    level = _LOG_LEVELS.get(level_name.lower())
+    if level is None:
+        raise InputError(f"--log-level must be one of {', '.join(_LOG_LEVELS)}, not {level_name!r}")
+    handler = RichHandler(console=stderr_console, show_path=False, markup=False)
+    handler.setLevel(level)
+    handler._curate_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # the root's handler (with --debug) would print them twice
 
 
 def _register() -> None:

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from curate.balance.matching import MatchMode, Normalization
-from curate.balance.sampling import DEFAULT_TAIL_SHARE, TailRule
-from curate.balance.stage import Phase
+from curate.balancing.matching import MatchMode, Normalization
+from curate.balancing.sampling import DEFAULT_TAIL_SHARE, TailRule
+from curate.balancing.stage import Phase
 from curate.cli import options as opt
 from curate.cli.report import balance_summary, match_summary, print_json, warn_shard_problems
 
@@ -130,10 +130,9 @@ def balance_command(
 
     On a cluster: run `--phase match --num-tasks K` as K tasks, then `--phase sample` once.
     """
-    from curate.balance.metadata import load_metadata
-    from curate.balance.stage import BalanceSpec, balance
-    from curate.runtime.executors import make_executor
-    from curate.runtime.progress import progress_bar
+    from curate.api import Runtime
+    from curate.api import balance as run_balance
+    from curate.balancing.stage import BalanceConfig, BalanceSpec
 
     spec = BalanceSpec(
         t=t,
@@ -144,37 +143,22 @@ def balance_command(
         draw=draw,
     )
     spec.validate()
-    runner, tasks = make_executor(
+    runtime = Runtime(
         executor.value,
         workers=opt.match_workers(workers),
         ray_address=ray_address,
         num_tasks=num_tasks,
         task_index=task_index,
     )
-    meta = load_metadata(metadata)
-    with progress_bar("matching", total_shards=None, enabled=not no_progress) as bar:
-
-        def advance(samples: int) -> None:
-            bar.advance_samples(samples)
-            bar.advance_shard()
-
-        def counted(units: int) -> None:
-            bar.set_total_shards(units)
-
-        result = balance(
-            sources,
-            meta,
-            out,
-            spec,
-            mode=match,
-            normalize=normalize,
-            caption_column=caption_column,
-            phase=phase,
-            executor=runner,
-            tasks=tasks,
-            on_unit=advance,
-            on_units=counted,
-        )
+    config = BalanceConfig(
+        metadata=metadata,
+        spec=spec,
+        mode=match,
+        normalize=normalize,
+        caption_column=caption_column,
+        phase=phase,
+    )
+    result = run_balance(sources, out, config, runtime=runtime, progress=not no_progress)
     warn_shard_problems(result.shard_errors, {})
     if as_json:
         print_json(result.to_json())

@@ -35,30 +35,26 @@ def embed_command(
     (shards i, i+K, ...; see `curate slurm`). Every task writes into the same run folder, on a
     filesystem they share.
     """
-    from curate.embedding.stage import prepare_run
-    from curate.runtime.executors import make_executor
+    from curate.api import Runtime
+    from curate.api import embed as run_embed
+    from curate.embedding.stage import EmbedConfig
 
-    runner, tasks = make_executor(
-        executor.value, ray_address=ray_address, num_tasks=num_tasks, task_index=task_index
-    )  # local: this process streams the shards through --workers decoding processes
-    prepared = prepare_run(
-        shards,
-        out,
+    config = EmbedConfig(
         model=model,
         pretrained=pretrained,
         device=device,
         precision=precision.value,
         batch_size=batch_size,
-        num_workers=workers,
+        workers=workers,
         max_pixels=max_pixels,
-        progress=not no_progress,
-        executor=runner,
-        tasks=tasks,
     )
-    report = prepared.report
+    runtime = Runtime(
+        executor.value, ray_address=ray_address, num_tasks=num_tasks, task_index=task_index
+    )  # local: this process streams the shards through --workers decoding processes
+    report = run_embed(shards, out, config, runtime=runtime, progress=not no_progress)
     warn_shard_problems(report.shard_errors, report.truncated)
     if as_json:
-        print_json({**report.__dict__, "run_dir": str(report.run_dir)})
+        print_json(report.to_json())
     else:
         embed_summary(report)
     if report.shard_errors:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from curate.balance.matching import MatchMode
+from curate.balancing.matching import MatchMode
 from curate.cli import options as opt
 from curate.cli.report import audit_summary, print_json, rebalance_summary, warn_shard_problems
 
@@ -234,12 +234,12 @@ def audit_command(
     [bold]curate audit[/bold] with the same arguments afterwards measures (`curate slurm --
     audit ...` submits both).
     """
-    from curate.balance.metadata import load_metadata
-    from curate.fairness.audit import AuditOptions
-    from curate.fairness.audit import audit as run_audit
+    from curate.api import Runtime
+    from curate.api import audit as run_audit
+    from curate.balancing.metadata import load_metadata
+    from curate.fairness.audit import AuditConfig, AuditOptions
     from curate.fairness.spec import load_spec
-    from curate.runtime.executors import make_executor
-    from curate.runtime.progress import progress_bar
+    from curate.runtime.progress import stderr_console
 
     options = AuditOptions(
         infer=None if infer is InferChoice.auto else infer.value,  # type: ignore[arg-type]
@@ -256,37 +256,23 @@ def audit_command(
     options.validate()
     attribute_spec = load_spec(spec).select(attribute)
     concept_list = load_metadata(_concepts_path(concepts))
-    from curate.runtime.progress import stderr_console
-
-    runner, tasks = make_executor(
+    runtime = Runtime(
         executor.value,
         workers=opt.match_workers(workers),
         ray_address=ray_address,
         num_tasks=num_tasks,
         task_index=task_index,
     )
-    with progress_bar("auditing", total_shards=None, enabled=not no_progress) as bar:
-
-        def advance(samples: int) -> None:
-            bar.advance_samples(samples)
-            bar.advance_shard()
-
-        report = run_audit(
-            sources,
-            concept_list,
-            out,
-            attribute_spec,
-            options,
-            run=run,
-            mode=match,
-            caption_column=caption_column,
-            executor=runner,
-            tasks=tasks,
-            device=device,
-            on_units=bar.set_total_shards,
-            on_unit=advance,
-            on_step=bar.set_description,
-        )
+    config = AuditConfig(
+        concepts=concept_list,
+        spec=attribute_spec,
+        options=options,
+        run=run,
+        mode=match,
+        caption_column=caption_column,
+        device=device,
+    )
+    report = run_audit(sources, out, config, runtime=runtime, progress=not no_progress)
     warn_shard_problems(report.shard_errors, {})
     if as_json:
         print_json(report.to_json())
@@ -294,7 +280,7 @@ def audit_command(
         audit_summary(report)
     if not report.complete:
         stderr_console.print(
-            f"{tasks.label} matched its share of the units; once every task is done, rerun "
+            f"{report.task} matched its share of the units; once every task is done, rerun "
             "this command without --executor array (one process) to measure",
             highlight=False,
             soft_wrap=True,
@@ -403,7 +389,8 @@ def rebalance_command(
     Hand the result to `curate write --subset OUT` (the subset), or
     `curate write --subset OUT/weights.parquet --repeats weight` (the weights).
     """
-    from curate.fairness.rebalance import RebalanceOptions, rebalance
+    from curate.api import rebalance as run_rebalance
+    from curate.fairness.rebalance import RebalanceOptions
     from curate.runtime.progress import scoring_status
 
     options = RebalanceOptions(
@@ -422,7 +409,7 @@ def rebalance_command(
     )
     options.validate()
     with scoring_status("rebalancing", enabled=not as_json):
-        report = rebalance(audit_dir, out, options)
+        report = run_rebalance(audit_dir, out, options)
     if as_json:
         print_json(report.to_json())
     else:

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from curate.balance.build import PmiUnit
-from curate.balance.matching import MatchMode
+from curate.balancing.build import PmiUnit
+from curate.balancing.matching import MatchMode
 from curate.cli import options as opt
 from curate.cli.report import metadata_build_summary, print_json, stdout_console
 from curate.errors import InputError
@@ -130,7 +130,7 @@ def build_command(
     entries that are one punctuation character (! # - ...) are skipped; each entry is kept once
     (its first source wins); the table shows what every source added.
     """
-    from curate.balance.build import (
+    from curate.balancing.build import (
         NUMBER_ENTRIES,
         find_wordnet,
         merge_sources,
@@ -138,7 +138,7 @@ def build_command(
         read_word_list,
         read_wordnet,
     )
-    from curate.balance.metadata import save_metadata, unmatchable
+    from curate.balancing.metadata import save_metadata, unmatchable
 
     sources: list[tuple[str, list[str]]] = []
     if wordnet is not None:
@@ -209,7 +209,7 @@ def check_command(
     """Validate metadata (errors for empty, blank, duplicate or non-string entries) and list the
     entries that can never match under --match.
     """
-    from curate.balance.metadata import load_metadata, unmatchable
+    from curate.balancing.metadata import load_metadata, unmatchable
 
     meta = load_metadata(metadata)
     never = unmatchable(meta.entries, match)

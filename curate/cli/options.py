@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from curate.balance.draws import DrawRule
+from curate.balancing.draws import DrawRule
 from curate.io.images import DEFAULT_MAX_PIXELS
 
 
@@ -127,7 +126,9 @@ MatchWorkersOpt = Annotated[
 
 def match_workers(value: int | None) -> int:
     """--workers of the match phase (balance, audit), defaulted."""
-    return value if value is not None else min(os.cpu_count() or 1, 8)
+    from curate.balancing.stage import default_match_workers
+
+    return value if value is not None else default_match_workers()
 
 
 __all__ = ["DEFAULT_MAX_PIXELS"]

@@ -16,12 +16,12 @@ from curate.runtime.progress import stderr_console
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from curate.balance.build import SourceCount
-    from curate.balance.stage import BalanceReport
+    from curate.balancing.build import SourceCount
+    from curate.balancing.stage import BalanceReport
     from curate.embedding.stage import EmbedReport
     from curate.fairness.audit import AuditReport
     from curate.fairness.rebalance import RebalanceReport
-    from curate.rewrite.stage import RewriteReport
+    from curate.rewriting.stage import RewriteReport
     from curate.runtime.stage import MapReport
     from curate.scoring.stage import ScoreReport
     from curate.selection.stage import SelectReport

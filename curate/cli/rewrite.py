@@ -184,18 +184,18 @@ def rewrite_command(
     later unit is marked duplicate_uid once every unit is done (by whichever call finds them
     all done); its requests are sent all the same.
     """
-    from curate.rewrite.backends import (
+    from curate.api import Runtime
+    from curate.api import rewrite as run_rewrite
+    from curate.rewriting.backends import (
         OpenAIBackend,
         RulesBackend,
         SamplingParams,
         VLLMBackend,
     )
-    from curate.rewrite.checks import require_range
-    from curate.rewrite.engine import EngineOptions
-    from curate.rewrite.prompts import load_prompts
-    from curate.rewrite.stage import RewriteOptions, rewrite_source
-    from curate.runtime.executors import make_executor
-    from curate.runtime.progress import progress_bar
+    from curate.rewriting.checks import require_range
+    from curate.rewriting.engine import EngineOptions
+    from curate.rewriting.prompts import load_prompts
+    from curate.rewriting.stage import RewriteConfig, RewriteOptions
 
     # Every setting is checked (by the library) before prompts are read or a model loads.
     require_range("--timeout", timeout, low=0, low_open=True)  # also with backends not using it
@@ -217,7 +217,7 @@ def rewrite_command(
             "--backend vllm loads the model in every worker: use --workers 1, or --executor ray "
             "(one GPU per unit)"
         )
-    runner, tasks = make_executor(
+    runtime = Runtime(
         executor.value,
         workers=workers,
         ray_address=ray_address,
@@ -250,31 +250,14 @@ def rewrite_command(
     else:
         chosen = RulesBackend(seed=seed)
         where = "the rules backend"
-    with progress_bar("rewriting", total_shards=0, enabled=not no_progress) as bar:
-        state = {"units": 0, "done": 0, "samples": 0}
-
-        def on_units(units: int, skipped: int) -> None:
-            state["units"], state["done"] = units, skipped
-            bar.set(skipped, units, 0)
-
-        def on_unit(samples: int) -> None:
-            state["done"] += 1
-            state["samples"] += samples
-            bar.set(state["done"], state["units"], state["samples"])
-
-        report = rewrite_source(
-            sources,
-            chosen,
-            template,
-            out,
-            options,
-            caption_column=caption_column,
-            where=where,
-            executor=runner,
-            tasks=tasks,
-            on_unit=on_unit,
-            on_units=on_units,
-        )
+    config = RewriteConfig(
+        backend=chosen,
+        template=template,
+        options=options,
+        caption_column=caption_column,
+        where=where,
+    )
+    report = run_rewrite(sources, out, config, runtime=runtime, progress=not no_progress)
     warn_shard_problems(report.shard_errors, {})
     if as_json:
         print_json(report.to_json())

@@ -134,10 +134,12 @@ def score_command(
     """
     from rich.markup import escape
 
+    from curate.api import Runtime
+    from curate.api import score as run_score
     from curate.cli.report import embed_summary
-    from curate.runtime.executors import make_executor
+    from curate.embedding.stage import EmbedConfig
     from curate.runtime.progress import stderr_console
-    from curate.scoring.stage import NegclipOptions, ScoreConfig, score_inputs
+    from curate.scoring.stage import NegclipOptions, ScoreConfig
 
     config = ScoreConfig(
         metrics=[m.value for m in metric],
@@ -146,21 +148,21 @@ def score_command(
         ),
         target=target,
         normsim_p=_parse_p(normsim_p),
-        model=model,
-        pretrained=pretrained,
-        device=device,
-        precision=precision.value,
-        batch_size=batch_size,
-        workers=workers,
-        max_pixels=max_pixels,
+        embed=EmbedConfig(
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            precision=precision.value,
+            batch_size=batch_size,
+            workers=workers,
+            max_pixels=max_pixels,
+        ),
     )
     config.validate()
-    runner, tasks = make_executor(
+    runtime = Runtime(
         executor.value, ray_address=ray_address, num_tasks=num_tasks, task_index=task_index
     )
-    report = score_inputs(
-        inputs, out, config, executor=runner, tasks=tasks, progress=not no_progress
-    )
+    report = run_score(inputs, out, config, runtime=runtime, progress=not no_progress)
     warn_shard_problems(report.shard_errors, report.truncated or report.embedding.truncated)
     if not report.complete:  # an array task: its share is done, the reduce waits for every task
         flags = " ".join(f"-m {m}" for m in dict.fromkeys(config.metrics))
@@ -170,7 +172,7 @@ def score_command(
         else:
             embed_summary(report.embedding)
         stderr_console.print(
-            f"{tasks.label} embedded and scored its share of the shards; once every task is "
+            f"{report.task} embedded and scored its share of the shards; once every task is "
             f"done, run [bold]{then}[/bold] (one process, with your other scoring options) to "
             "write scores.parquet",
             highlight=False,

@@ -101,8 +101,9 @@ def select_command(
     Steps run in this order: failed rows out; --intersect/--exclude; --where; the --top chain
     in the order given; --union.
     """
+    from curate.api import select as run_select
     from curate.selection.rules import Condition, TopStep
-    from curate.selection.stage import SelectSpec, select_pool
+    from curate.selection.stage import SelectSpec
 
     spec = SelectSpec(
         top=[TopStep.parse(s) for s in top or []],
@@ -113,7 +114,7 @@ def select_command(
         seed=seed,
         normsim2d_rounds=normsim2d_rounds,
     )
-    report = select_pool(source, spec, out=out, device=None if device == "auto" else device)
+    report = run_select(source, out, spec, device=None if device == "auto" else device)
     if as_json:
         print_json(report.to_json())
     else:

@@ -160,9 +160,9 @@ def write_command(
     only, so it cannot find samples with derived uids in a subset.npy: write those with
     `curate write`.
     """
-    from curate.runtime.executors import make_executor
-    from curate.runtime.progress import progress_bar
-    from curate.writing.stage import WriteOptions, write_subset
+    from curate.api import Runtime
+    from curate.api import write as run_write
+    from curate.writing.stage import WriteOptions
 
     options = WriteOptions(
         max_samples=shard_samples,
@@ -176,23 +176,16 @@ def write_command(
         workers=workers,
         overwrite=overwrite,
     )
-    with progress_bar("writing", total_shards=0, enabled=not no_progress) as bar:
-
-        def advance(done_shards: int, total_shards: int, done_samples: int) -> None:
-            bar.set(done_shards, total_shards, done_samples)
-
-        runner, tasks = make_executor(
-            executor.value,
-            workers=workers,
-            ray_address=ray_address,
-            num_tasks=num_tasks,
-            task_index=task_index,
-            threads=True,
-        )
-        report = write_subset(
-            shards, subset, out=out, options=options, executor=runner, tasks=tasks,
-            progress=advance,
-        )  # fmt: skip
+    runtime = Runtime(
+        executor.value,
+        workers=workers,
+        ray_address=ray_address,
+        num_tasks=num_tasks,
+        task_index=task_index,
+    )
+    report = run_write(
+        shards, out, options, subset=subset, runtime=runtime, progress=not no_progress
+    )
     warn_shard_problems(report.shard_errors, report.truncated)
     if as_json:
         print_json(report.to_json())

@@ -102,6 +102,9 @@ class EmbedReport:
     model_record: dict | None = None
     task: str = "local"  # the array task whose share this reports (shards_total: its units)
 
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "run_dir": str(self.run_dir)}
+
 
 @dataclass
 class _ShardState:
@@ -325,6 +328,7 @@ def _adopt_complete_tables(stage: EmbedStage, tasks: TaskSlice) -> None:
         records.write_done(folder, unit, signature, _stats(shard), 0.0)
 
 
+@records.logged_stage("embed", lambda args: args["run"].path)
 def embed_shards(
     urls: list[str],
     run: RunFolder,
@@ -424,6 +428,38 @@ def _count_existing(run: RunFolder, stems: list[str], report: EmbedReport) -> No
 
 
 DEFAULT_MODEL = ModelSpec()
+
+
+@dataclass
+class EmbedConfig:
+    """How `curate embed` (and `curate score`, for what a run lacks) makes embeddings: the model
+    (None: the run's own, else ViT-B-32 / openai), device, precision, batch size, decoding
+    processes (None: from the cores) and the decoded-pixel limit."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    device: str = "auto"
+    precision: Precision = "auto"
+    batch_size: int = 256
+    workers: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def prepare_options(self) -> dict[str, Any]:
+        """The keyword arguments of `prepare_run` (and `prepare_target`, without the model)."""
+        return {
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "device": self.device,
+            "precision": self.precision,
+            **self.embed_options(),
+        }
+
+    def embed_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.workers,
+            "max_pixels": self.max_pixels,
+        }
 
 
 @dataclass

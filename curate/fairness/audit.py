@@ -34,9 +34,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from curate.balance.matching import MatchMode
-from curate.balance.metadata import Metadata
-from curate.balance.stage import (
+from curate.balancing.matching import MatchMode
+from curate.balancing.metadata import Metadata
+from curate.balancing.stage import (
     match_units,
     matches_csr,
     pool_errors,
@@ -58,6 +58,7 @@ from curate.fairness.zeroshot import class_probabilities, confident_labels, prom
 from curate.io.captions import resolve_units
 from curate.runtime.atomic import write_atomic, write_json_atomic
 from curate.runtime.executors import TaskSlice
+from curate.runtime.records import logged_stage
 
 LABELS_TABLE = "labels.parquet"
 REPRESENTATION_TABLE = "representation.parquet"
@@ -169,6 +170,21 @@ class AuditReport:
         return asdict(self)
 
 
+@dataclass
+class AuditConfig:
+    """Every option of `curate audit`: the concepts and attribute spec (loaded:
+    `balance.metadata.load_metadata`, `fairness.spec.load_spec`), the measures, where image
+    embeddings come from, the match rule, the caption column and the zero-shot device."""
+
+    concepts: Metadata
+    spec: AttributeSpec
+    options: AuditOptions = field(default_factory=AuditOptions)
+    run: Path | None = None
+    mode: MatchMode = MatchMode.words
+    caption_column: str | None = None
+    device: str = "auto"
+
+
 @dataclass(frozen=True)
 class AuditedAttribute:
     name: str
@@ -271,6 +287,7 @@ def _zero_shot(images: RunImages, spec: AttributeSpec, options: AuditOptions) ->
     return out
 
 
+@logged_stage("audit")
 def audit(
     sources: str | Sequence[str],
     concepts: Metadata,

@@ -40,13 +40,14 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from curate.balance.draws import DrawRule, draw_subset
+from curate.balancing.draws import DrawRule, draw_subset
 from curate.errors import InputError
 from curate.fairness.audit import Pool, _share_frame, read_audit, target_shares
 from curate.fairness.m4 import AttributeInput, M4Options, solve_m4
 from curate.fairness.metrics import ShareTable, association_bias, representation_bias
 from curate.io.uid_files import write_datacomp_npy
 from curate.runtime.atomic import write_atomic, write_json_atomic
+from curate.runtime.records import logged_stage
 
 DECISIONS_TABLE = "decisions.parquet"
 SUBSET_TABLE = "subset.parquet"
@@ -197,6 +198,7 @@ def _mean_over(table: ShareTable, concepts: np.ndarray) -> float:
     return float(table.bias[chosen].mean()) if chosen.any() else float("nan")
 
 
+@logged_stage("rebalance")
 def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> RebalanceReport:
     """Weights, the seeded subset, counterfactual captions and before/after bias."""
     start = time.perf_counter()

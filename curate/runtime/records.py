@@ -13,15 +13,18 @@ Only the unit's own task writes its records, so no two tasks write the same file
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from curate.runtime.atomic import write_atomic, write_json_atomic
 from curate.runtime.stage import Unit
@@ -29,6 +32,7 @@ from curate.runtime.stage import Unit
 __all__ = [
     "RUNTIME_DIR",
     "is_done",
+    "logged_stage",
     "read_done",
     "read_failed",
     "read_plan",
@@ -36,6 +40,7 @@ __all__ = [
     "save_plan",
     "signature_hash",
     "stage_folder",
+    "stage_log",
     "task_log",
     "worker_log",
     "write_done",
@@ -46,6 +51,9 @@ RUNTIME_DIR = ".curate"
 PLAN = "plan.json"
 FORMAT = 1
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+_log = logging.getLogger("curate.stage")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def stage_folder(out: Path, stage: str) -> Path:
@@ -150,34 +158,137 @@ def write_failed(folder: Path, unit: Unit, signature: str, error: str) -> None:
     write_json_atomic(_record_path(folder, "failed", unit), record)
 
 
-def _attach(path: Path) -> tuple[logging.Handler, int, bool]:
-    """Send the `curate` logger's INFO and above to `path` (the console keeps its own level:
-    records reach the root's handlers only when the root wants INFO, as with --debug)."""
+def _file_handler(path: Path) -> logging.FileHandler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    return handler
+
+
+def _attach(handler: logging.Handler) -> tuple[int, bool]:
+    """Send the `curate` logger's INFO and above to `handler` (the console keeps its own level:
+    records reach the root's handlers only when the root wants INFO, as with --debug); returns
+    the logger's level and propagation before, for `_detach`."""
     logger = logging.getLogger("curate")
     before = (logger.level, logger.propagate)
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = logging.getLogger().getEffectiveLevel() <= logging.INFO
-    return handler, *before
+    logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
+    logger.propagate = logger.propagate and logging.getLogger().getEffectiveLevel() <= logging.INFO
+    return before
+
+
+def _detach(handler: logging.Handler, before: tuple[int, bool]) -> None:
+    logger = logging.getLogger("curate")
+    logger.removeHandler(handler)
+    logger.setLevel(before[0])
+    logger.propagate = before[1]
 
 
 @contextmanager
 def task_log(folder: Path, task: str) -> Iterator[None]:
     """Log the `curate` logger to OUT/.curate/<stage>/logs/<task>.log while the task runs."""
-    handler, level, propagate = _attach(folder / "logs" / f"{task}.log")
+    handler = _file_handler(folder / "logs" / f"{task}.log")
+    before = _attach(handler)
     try:
         yield
     finally:
-        logger = logging.getLogger("curate")
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
+        _detach(handler, before)
         handler.close()
+
+
+class _DeferredLog(logging.Handler):
+    """A log file under `folder` that exists only once the stage does: records wait in memory
+    until `folder` has been made by the stage itself (its inputs checked, its plan saved), so
+    a stage that refuses its arguments leaves nothing behind."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        super().__init__(logging.INFO)
+        self.folder, self.name = folder, name
+        self.waiting: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+        self.setFormatter(logging.Formatter(_LOG_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None and not self.folder.is_dir():
+            self.waiting.append(record)
+            return
+        self.open().emit(record)
+
+    def open(self) -> logging.FileHandler:
+        if self.file is None:
+            self.file = _file_handler(self.folder / "logs" / self.name)
+            for record in self.waiting:
+                self.file.emit(record)
+            self.waiting.clear()
+        return self.file
+
+    def finish(self, *, keep: bool) -> None:
+        """Write what waits when `keep` (the stage succeeded) or the folder exists by now."""
+        if self.waiting and (keep or self.folder.is_dir()):
+            self.open()
+        if self.file is not None:
+            self.file.close()
+        self.close()
+
+
+@contextmanager
+def stage_log(out: Path, stage: str) -> Iterator[None]:
+    """Log a stage's own work (a reduce, or a stage without units) to
+    OUT/.curate/<stage>/logs/reduce.log, appended run after run; map tasks inside it keep
+    their own task logs too. Nothing is written for a run that fails before the stage made its
+    folder (bad arguments): its error goes to the terminal."""
+    handler = _DeferredLog(Path(out) / RUNTIME_DIR / stage, "reduce.log")
+    before = _attach(handler)
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        _detach(handler, before)
+        with suppress(OSError):  # an OUT that cannot be a folder: the stage said what is wrong
+            handler.finish(keep=succeeded)
+
+
+def logged_stage(
+    stage: str, folder: Callable[[dict[str, Any]], Path] = lambda args: Path(args["out"])
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a stage's library entry point: its run is logged to `stage_log` of the folder
+    `folder(arguments)` gives, with a start line, and an end line holding the returned report's
+    ``to_json()`` (counts, thresholds, what was written) or the error it raised."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = folder(bound.arguments)
+            with stage_log(out, stage):
+                _log.info("%s: started, output in %s", stage, out)
+                start = time.perf_counter()
+                try:
+                    result = function(*args, **kwargs)
+                except Exception as exc:
+                    _log.error("%s: stopped after %.2fs: %s", stage, _since(start), exc)
+                    raise
+                summary = result.to_json() if hasattr(result, "to_json") else None
+                _log.info(
+                    "%s: finished in %.2fs: %s",
+                    stage, _since(start), json.dumps(summary, sort_keys=True, default=str),
+                )  # fmt: skip
+            return result
+
+        return run
+
+    return decorate
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
 
 
 def worker_log(folder: Path) -> None:
     """In a worker process: log to logs/worker-<host>-<pid>.log for the process's lifetime."""
-    _attach(folder / "logs" / f"worker-{socket.gethostname()}-{os.getpid()}.log")
+    _attach(_file_handler(folder / "logs" / f"worker-{socket.gethostname()}-{os.getpid()}.log"))

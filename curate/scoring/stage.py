@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.embedding.loader import DEFAULT_MAX_PIXELS
+from curate.embedding.stage import EmbedConfig
 from curate.embedding.store import META_COLUMNS, RunFolder, embeddings_to_numpy
 from curate.errors import InputError, RunFolderError, failure_code
 from curate.runtime import records
@@ -99,19 +99,13 @@ class ScoreReport:
 @dataclass
 class ScoreConfig:
     """Every option of `curate score` (the CLI's defaults): metrics and their settings, and how
-    missing embeddings are made (model, device, precision, batching, decoding workers)."""
+    missing embeddings are made (`embed`; its device also scores)."""
 
     metrics: Sequence[str] = ("clipscore",)
     negclip: NegclipOptions = field(default_factory=NegclipOptions)
     target: str | None = None  # NormSim target: shards (embedded into RUN/targets/) or a run
     normsim_p: float = math.inf
-    model: str | None = None  # None: the run's own model, else ViT-B-32
-    pretrained: str | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 256
-    workers: int | None = None  # decoding processes (None: from the cores)
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # for what the run lacks
 
     def validate(self) -> list[str]:
         """The metrics asked for, once each, in the order given; one-line errors otherwise."""
@@ -329,6 +323,7 @@ def _masked(values: np.ndarray, ok: np.ndarray) -> pa.Array:
     return pa.array(full, pa.float32(), mask=~ok)
 
 
+@records.logged_stage("score", lambda args: args["run"].path)
 def score_run(
     run: RunFolder,
     stems: Sequence[str],
@@ -493,22 +488,14 @@ def score_inputs(
     config = config or ScoreConfig()
     metrics = config.validate()
     tasks = tasks or TaskSlice()
-    embed_options: dict[str, Any] = {
-        "batch_size": config.batch_size,
-        "num_workers": config.workers,
-        "max_pixels": config.max_pixels,
-        "progress": progress,
-    }
+    embed_options = {**config.embed.embed_options(), "progress": progress}
     prepared = prepare_run(
         list(inputs),
         out,
-        model=config.model,
-        pretrained=config.pretrained,
-        device=config.device,
-        precision=config.precision,  # type: ignore[arg-type]
         executor=executor,
         tasks=tasks,
-        **embed_options,
+        progress=progress,
+        **config.embed.prepare_options(),
     )
     run = prepared.run
     target_run, ready = None, True
@@ -532,7 +519,7 @@ def score_inputs(
                 out=run.path / "scores.parquet",
                 negclip_opts=config.negclip,
                 normsim_opts=NormsimOptions(target=target_run, p=config.normsim_p),
-                device=None if config.device == "auto" else config.device,
+                device=None if config.embed.device == "auto" else config.embed.device,
                 shard_errors=prepared.report.shard_errors,
                 executor=executor,
                 tasks=tasks,

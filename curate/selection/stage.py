@@ -34,6 +34,7 @@ from curate.io.shards import check_out_apart
 from curate.io.uid_files import read_uid_file, write_datacomp_npy
 from curate.io.uids import is_uid
 from curate.runtime.atomic import write_atomic, write_json_atomic
+from curate.runtime.records import logged_stage
 from curate.selection.rules import (
     DERIVED,
     NORMSIM2_D,
@@ -174,6 +175,7 @@ class _Selection:
         return np.fromiter((u in wanted for u in self.uids), dtype=bool, count=len(self.uids))
 
 
+@logged_stage("select")
 def select_pool(
     source: Path | str,
     spec: SelectSpec,

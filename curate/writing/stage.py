@@ -49,6 +49,7 @@ from curate.io.tar_writer import DeterministicTarWriter
 from curate.io.uid_files import UidList, read_uid_file
 from curate.runtime.atomic import atomic_path, write_atomic, write_json_atomic
 from curate.runtime.executors import TaskSlice, make_executor
+from curate.runtime.records import logged_stage
 from curate.runtime.stage import MapStage, Unit, UnitFailure, run_map
 from curate.writing.plan import Entry, Source, cut_shards, order_copies, shard_fingerprint
 
@@ -141,6 +142,7 @@ class WriteReport:
         return data
 
 
+@logged_stage("write")
 def write_subset(
     shards: str | Sequence[str],
     subset: Path | str,

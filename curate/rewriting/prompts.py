@@ -87,7 +87,7 @@ def one_line(text: str) -> str:
 def load_prompts(path: Path | str | None = None) -> PromptTemplate:
     """Read and validate a prompt file; None loads the packaged default."""
     if path is None:
-        resource = resources.files("curate.rewrite").joinpath(_DEFAULT_RESOURCE)
+        resource = resources.files("curate.rewriting").joinpath(_DEFAULT_RESOURCE)
         return _parse(resource.read_text(encoding="utf-8"), DEFAULT_PROMPTS)
     name = os.fspath(path)
     return _parse(read_text_file(name, "prompt file"), name)

@@ -31,10 +31,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from curate.errors import CurateError
-from curate.rewrite.backends import Backend, BackendError
-from curate.rewrite.cache import CachedResult, RequestCache
-from curate.rewrite.checks import require_range
-from curate.rewrite.validate import check_rewrite, clean_output, warm_up
+from curate.rewriting.backends import Backend, BackendError
+from curate.rewriting.cache import CachedResult, RequestCache
+from curate.rewriting.checks import require_range
+from curate.rewriting.validate import check_rewrite, clean_output, warm_up
 
 __all__ = ["EngineOptions", "Job", "RewriteAborted", "run_jobs_async"]
 

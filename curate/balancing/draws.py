@@ -27,7 +27,7 @@ from enum import Enum
 
 import numpy as np
 
-from curate.balance.sampling import _splitmix64, uniform_draws
+from curate.balancing.sampling import _splitmix64, uniform_draws
 from curate.io.uid_files import uids_to_pairs
 
 __all__ = ["DrawRule", "class_keys", "draw_subset", "systematic_keep"]

@@ -52,11 +52,11 @@ import pyarrow.parquet as pq
 from curate.errors import ShardOpenError
 from curate.io.captions import CaptionUnit, read_unit, resolve_units
 from curate.io.shards import check_out_apart
-from curate.rewrite.backends import Backend, SamplingParams
-from curate.rewrite.cache import CachedResult, RequestCache, request_key
-from curate.rewrite.checks import require_range
-from curate.rewrite.engine import EngineOptions, Job, RewriteAborted, run_jobs_async
-from curate.rewrite.prompts import PromptTemplate
+from curate.rewriting.backends import Backend, SamplingParams
+from curate.rewriting.cache import CachedResult, RequestCache, request_key
+from curate.rewriting.checks import require_range
+from curate.rewriting.engine import EngineOptions, Job, RewriteAborted, run_jobs_async
+from curate.rewriting.prompts import PromptTemplate
 from curate.runtime import records
 from curate.runtime.atomic import write_atomic, write_json_atomic
 from curate.runtime.executors import TaskSlice
@@ -81,7 +81,7 @@ REPORT_JSON = "rewrite.json"
 TABLE_FORMAT = 1
 DUPLICATE_UID = "duplicate_uid: the uid appeared earlier in the unit"
 EARLIER_UNIT = "duplicate_uid: the uid appeared in an earlier unit"  # + " (<unit>)"
-_META_KEY = b"curate.rewrite"
+_META_KEY = b"curate.rewriting"
 _TEMPORARY = re.compile(r"^\..+\.parquet\.[0-9a-f]{8}\.tmp$")  # atomic_path's, of a killed run
 _TABLE_SCHEMA = {
     "uid": pl.String,
@@ -98,7 +98,7 @@ _TABLE_SCHEMA = {
 }
 _TABLE_COUNTS = ("samples", "samples_failed", "ok", "partial", "failed", "rewrites")
 
-log = logging.getLogger("curate.rewrite")
+log = logging.getLogger("curate.rewriting")
 
 
 @dataclass
@@ -589,6 +589,20 @@ def _plain(exc: RewriteAborted) -> RewriteAborted:
     return cause if isinstance(cause, RewriteAborted) else exc
 
 
+@dataclass
+class RewriteConfig:
+    """Every option of `curate rewrite`: the backend (`rewrite.backends`: OpenAI-compatible,
+    vLLM or rules), the prompt template (`rewrite.prompts.load_prompts`), the rewrite settings,
+    the caption column of tables, and how the backend is named in messages."""
+
+    backend: Backend
+    template: PromptTemplate
+    options: RewriteOptions
+    caption_column: str | None = None
+    where: str = "the server"
+
+
+@records.logged_stage("rewrite")
 def rewrite_source(
     source: str | Sequence[str],
     backend: Backend,

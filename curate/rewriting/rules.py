@@ -25,8 +25,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from curate.rewrite.prompts import one_line
-from curate.rewrite.validate import MAX_CLIP_TOKENS, clip_token_count, comparable
+from curate.rewriting.prompts import one_line
+from curate.rewriting.validate import MAX_CLIP_TOKENS, clip_token_count, comparable
 
 __all__ = ["DISTINCT_INDEXES", "FRAME_MARGIN", "RULES_VERSION", "SYNONYMS", "rules_rewrite"]
 

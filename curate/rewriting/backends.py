@@ -37,9 +37,9 @@ from typing import Any, Protocol
 import aiohttp
 
 from curate.errors import InputError
-from curate.rewrite.checks import require_range
-from curate.rewrite.prompts import PromptTemplate, build_chat_messages, build_completion_prompt
-from curate.rewrite.rules import RULES_VERSION, rules_rewrite
+from curate.rewriting.checks import require_range
+from curate.rewriting.prompts import PromptTemplate, build_chat_messages, build_completion_prompt
+from curate.rewriting.rules import RULES_VERSION, rules_rewrite
 
 __all__ = [
     "Backend",

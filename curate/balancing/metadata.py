@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from curate.balance.matching import MatchMode, never_matches
+from curate.balancing.matching import MatchMode, never_matches
 from curate.errors import InputError, brief
 from curate.io.text_files import read_file_bytes
 from curate.runtime.atomic import write_atomic

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections import Counter
@@ -37,10 +38,10 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from curate.balance.draws import DrawRule, draw_subset
-from curate.balance.matching import Matcher, MatchMode, Normalization
-from curate.balance.metadata import Metadata
-from curate.balance.sampling import (
+from curate.balancing.draws import DrawRule, draw_subset
+from curate.balancing.matching import Matcher, MatchMode, Normalization
+from curate.balancing.metadata import Metadata, load_metadata
+from curate.balancing.sampling import (
     DEFAULT_TAIL_SHARE,
     TailRule,
     ThresholdChoice,
@@ -67,7 +68,7 @@ SUBSET_TABLE = "subset.parquet"
 SUBSET_NPY = "subset.npy"
 REPORT_JSON = "balance.json"
 MATCH_FORMAT = 2  # 2: captions as written (format 1 matched stripped shard captions)
-_META_KEY = b"curate.balance.match"
+_META_KEY = b"curate.balancing.match"
 _TEMPORARY = re.compile(r"^\..+\.parquet\.[0-9a-f]{8}\.tmp$")  # atomic_path's, of a killed run
 HEAD_ROWS = 10
 
@@ -355,6 +356,7 @@ def raise_empty(source: str, shard_errors: dict[str, str]) -> None:
     raise InputError(f"{source}: the source holds no samples")
 
 
+@records.logged_stage("balance")
 def sample_pool(
     units: Sequence[CaptionUnit],
     metadata: Metadata,
@@ -526,6 +528,29 @@ class Phase(str, Enum):
     all = "all"
     match = "match"
     sample = "sample"
+
+
+def default_match_workers() -> int:
+    """Match processes when none are asked for (balance, audit)."""
+    return min(os.cpu_count() or 1, 8)
+
+
+@dataclass
+class BalanceConfig:
+    """Every option of `curate balance`: the metadata (a file, or loaded), t and the draw
+    (`spec`), the match rule, the caption column of tables and which phase to run."""
+
+    metadata: str | Path | Metadata
+    spec: BalanceSpec = field(default_factory=BalanceSpec)
+    mode: MatchMode = MatchMode.metaclip
+    normalize: Normalization | str = Normalization.none
+    caption_column: str | None = None
+    phase: Phase | str = Phase.all
+
+    def loaded_metadata(self) -> Metadata:
+        if isinstance(self.metadata, Metadata):
+            return self.metadata
+        return load_metadata(self.metadata)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from itertools import pairwise
 from pathlib import Path
 from string import hexdigits
 
-from curate.balance.matching import PADDED_MARKS, pad_text
+from curate.balancing.matching import PADDED_MARKS, pad_text
 from curate.errors import InputError
 
 __all__ = [
