@@ -9,8 +9,9 @@ Two workloads, both made here (seeded):
   unit directly; the runtime runs the same stage through `run_map`.
 
 Executors: inline (this process), a process pool (`--workers`), and Ray (a local instance,
-when Ray is installed). Reported: seconds (median of `--repeats`, a fresh output folder each
-time), ms per unit, and the ratio to the plain loop of the same workload.
+when Ray is installed: tasks, and for the empty units also a pool of `--workers` actors).
+Reported: seconds (median of `--repeats`, a fresh output folder each time), ms per unit, and
+the ratio to the plain loop of the same workload.
 
     python benchmarks/bench_runtime.py --shards 64 --per-shard 2000 --repeats 3
 """
@@ -58,6 +59,13 @@ class EmptyStage(MapStage):
     def run_unit(self, unit: Unit) -> dict[str, Any]:
         write_atomic(self.out / "units" / unit.name, lambda tmp: tmp.write_text(unit.name))
         return {"samples": 1}
+
+
+@dataclass
+class EmptyActorStage(EmptyStage):
+    """The same units on Ray actors (as embedding runs there): the actor pool's cost per unit."""
+
+    actors: ClassVar[bool] = True
 
 
 def make_tables(folder: Path, shards: int, per_shard: int, seed: int) -> None:
@@ -128,6 +136,17 @@ def main() -> None:
         seconds = timed(args.repeats, on_runtime)
         results.append(
             {"workload": "empty", "executor": label, "seconds": seconds, "ratio": seconds / base}
+        )
+    if "ray" in executors:
+
+        def on_actors(out: Path) -> Callable[[], None]:
+            executor = RayExecutor(actors=args.workers)
+            return lambda: run_map(EmptyActorStage(out, n), out, executor=executor) and None
+
+        seconds = timed(args.repeats, on_actors)
+        results.append(
+            {"workload": "empty", "executor": "ray actors", "seconds": seconds}
+            | {"ratio": seconds / base}
         )
 
     data = Path(tempfile.mkdtemp(prefix="bench-runtime-data-"))

@@ -56,3 +56,10 @@ class SquareStage(MapStage):
 
     def output_present(self, unit: Unit) -> bool:
         return (self.out / "units" / f"{unit.name}.txt").is_file()
+
+
+@dataclass
+class ActorSquareStage(SquareStage):
+    """SquareStage whose setup Ray runs once per actor (as embedding loads its model)."""
+
+    actors: ClassVar[bool] = True

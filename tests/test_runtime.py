@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from runtime_kit import SquareStage
+from runtime_kit import ActorSquareStage, SquareStage
 
 from curate.errors import InputError
 from curate.runtime import records
@@ -200,6 +200,41 @@ def test_a_ray_worker_killed_mid_unit_is_retried(ray_local: object, tmp_path: Pa
     assert _outputs(out) == _expected(5)
     done = json.loads((out / ".curate/squares/done/00002.json").read_text())
     assert done["stats"] == {"samples": 2}
+
+
+def _setups(out: Path) -> set[str]:
+    return {p.name.split("-")[0] for p in (out / "setups").iterdir()}
+
+
+def test_actor_stages_set_up_once_per_actor(ray_local: object, tmp_path: Path) -> None:
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    run_map(ActorSquareStage(local, 8, fail=frozenset({"00003"})), local)
+    report = run_map(
+        ActorSquareStage(on_ray, 8, fail=frozenset({"00003"})),
+        on_ray,
+        executor=RayExecutor(actors=2),
+    )
+    assert report.done_now == 7 and list(report.failed) == ["source-3"]
+    assert _outputs(on_ray) == _outputs(local) == _expected(8, {"00003"})
+    setups = list((on_ray / "setups").iterdir())
+    assert len(setups) == 2  # two actors, each set up once for eight units
+    workers = {p.name for p in (on_ray / "pids").iterdir()}
+    assert workers <= _setups(on_ray) and len(workers) == 2  # units ran on those two only
+    assert list((on_ray / ".curate/squares/logs").glob("worker-*.log"))
+
+
+def test_an_actor_killed_mid_unit_is_restarted_and_the_unit_retried(
+    ray_local: object, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    stage = ActorSquareStage(out, 6, die_once="00002")
+    report = run_map(stage, out, executor=RayExecutor(actors=2))
+    assert (out / "died-00002").exists()  # the first try really died
+    assert report.done_now == 6 and report.failed == {}
+    assert _outputs(out) == _expected(6)
+    assert len(list((out / "setups").iterdir())) == 3  # the dead actor came back, set up again
+    assert RayExecutor().pool_size(ray_local, stage, 6) == 2  # the cluster's 2 CPUs, 1 each
+    assert RayExecutor().pool_size(ray_local, stage, 1) == 1  # never more than the units
 
 
 def test_cpu_stages_do_not_import_torch() -> None:

@@ -776,4 +776,4 @@ def test_outputs_are_datacomp_and_reproducible(tmp_path: Path) -> None:
         "subset.parquet",
     ]
     log = (first / ".curate/select/logs/reduce.log").read_text(encoding="utf-8")
-    assert log.count("select: finished") == 2 and "\"after\": 34" in log
+    assert log.count("select: finished") == 2 and '"after": 34' in log

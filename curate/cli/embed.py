@@ -30,10 +30,10 @@ def embed_command(
     Example: [bold]curate embed 'shards/{00000..00127}.tar' --out run/ --model ViT-B-32
     --pretrained openai[/bold]
 
-    On a cluster: --executor ray runs one Ray task per shard (with a GPU when the model runs on
-    CUDA; --workers decoding processes each), --executor array --num-tasks K runs as task i of K
-    (shards i, i+K, ...; see `curate slurm`). Every task writes into the same run folder, on a
-    filesystem they share.
+    On a cluster: --executor ray runs the shards on Ray actors that load the model once each
+    (a GPU each when the model runs on CUDA; --workers decoding processes each); --executor
+    array --num-tasks K runs as task i of K (shards i, i+K, ...; see `curate slurm`). Every
+    task writes into the same run folder, on a filesystem they share.
     """
     from curate.api import Runtime
     from curate.api import embed as run_embed

@@ -3,7 +3,8 @@
 Embedding is a map stage on the runtime (`EmbedStage`, one unit per input shard): local runs
 stream every pending shard through one DataLoader, whose workers (see `loader`) decode and
 preprocess while this process runs the model and writes each shard as soon as all of its parts
-have arrived; Ray runs one task per shard (a GPU each on CUDA); array tasks take their share.
+have arrived; on Ray a pool of actors loads the model once each (a GPU each on CUDA) and
+embeds a shard per call; array tasks take their share.
 The model is only loaded when some shard still needs embedding (or run.json does not name the
 model asked for), so re-scoring a finished run costs no model load.
 """
@@ -180,6 +181,7 @@ class EmbedStage(MapStage):
     """
 
     name: ClassVar[str] = "embed"
+    actors: ClassVar[bool] = True  # on Ray: each actor loads the model once (a GPU each)
     run: RunFolder
     spec: ModelSpec
     model_record: dict[str, Any]  # the run's model (run.json): what the tables are made with

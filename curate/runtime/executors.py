@@ -5,8 +5,12 @@
 - `ProcessExecutor`: a pool of spawned worker processes on this machine, each set up once;
   workers exit soon after their parent dies, even by SIGKILL;
 - `RayExecutor`: one Ray task per unit with the stage's resources (CPUs, GPUs), retried by Ray
-  when a worker dies (``max_retries``); each worker process sets the stage up once. A local
-  Ray instance is started unless ``--ray-address`` names a cluster (``auto``, ``ray://...``).
+  when a worker dies (``max_retries``); each worker process sets the stage up once. Stages
+  whose setup is heavy (`MapStage.actors`: a model) run on a pool of Ray actors instead
+  (`ray.util.ActorPool`), each holding the stage's resources and set up once; an actor that
+  dies is restarted by Ray and its unit retried (``max_restarts``/``max_task_retries``). A
+  local Ray instance is started unless ``--ray-address`` names a cluster (``auto``,
+  ``ray://...``).
 - `TaskSlice` is not an executor but a share of the units: task ``i`` of ``k`` of an array job
   (Slurm or any scheduler) takes ``units[i::k]`` and runs them on one of the above.
 """
@@ -201,12 +205,31 @@ def _ray_unit(stage: MapStage, key: str, unit: Unit, folder: str, signature: str
     return execute_unit(ready, unit, Path(folder), signature)
 
 
-class RayExecutor:
-    """One Ray task per unit (module doc)."""
+class _UnitActor:
+    """A Ray actor holding one set-up stage (its model loaded once); `run` is `execute_unit`."""
 
-    def __init__(self, address: str | None = None, *, max_retries: int = 3) -> None:
+    def __init__(self, stage: MapStage, folder: str) -> None:
+        from curate.runtime.records import worker_log
+
+        worker_log(Path(folder))
+        stage.setup()
+        self.stage, self.folder = stage, Path(folder)
+
+    def run(self, unit: Unit, signature: str) -> dict[str, Any]:
+        return execute_unit(self.stage, unit, self.folder, signature)
+
+
+class RayExecutor:
+    """Ray tasks per unit, or a pool of Ray actors for `MapStage.actors` stages (module doc).
+    `actors`: the pool's size; None: as many as the cluster's CPUs (or GPUs, for a stage that
+    needs them) hold at the stage's resources, at most one per unit."""
+
+    def __init__(
+        self, address: str | None = None, *, max_retries: int = 3, actors: int | None = None
+    ) -> None:
         self.address = address
         self.max_retries = max_retries
+        self.actors = actors
         self.label = f"ray ({address or 'local instance'})"
 
     def _connect(self) -> Any:
@@ -234,6 +257,9 @@ class RayExecutor:
         finished: Finished,
     ) -> None:
         ray = self._connect()
+        if stage.actors:
+            self._run_on_actors(ray, stage, units, folder, signatures, finished)
+            return
         remote = ray.remote(_ray_unit).options(
             num_cpus=stage.resources.cpus,
             num_gpus=stage.resources.gpus,
@@ -246,11 +272,65 @@ class RayExecutor:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for ref in ready:
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
-                    raise exc.as_instanceof_cause() from None  # the unit's own exception type
-                finished(result)
+                finished(_ray_result(ray, ref))
+
+    def pool_size(self, ray: Any, stage: MapStage, units: int) -> int:
+        if self.actors is not None:
+            return max(1, min(self.actors, units))
+        total = ray.cluster_resources()
+        need, have = (
+            (stage.resources.gpus, total.get("GPU", 0.0))
+            if stage.resources.gpus > 0
+            else (stage.resources.cpus, total.get("CPU", 1.0))
+        )
+        fits = int(have // need) if need > 0 else units
+        if fits == 0:
+            log.warning(
+                "%s asks %s GPU per actor and the Ray cluster has %s now: one actor waits for "
+                "a node that has one (an autoscaler's); run with --device cpu to use CPUs",
+                stage.name, stage.resources.gpus, have,
+            )  # fmt: skip
+        return max(1, min(fits, units))
+
+    def _run_on_actors(
+        self,
+        ray: Any,
+        stage: MapStage,
+        units: Sequence[Unit],
+        folder: Path,
+        signatures: dict[str, str],
+        finished: Finished,
+    ) -> None:
+        from ray.util import ActorPool
+
+        actor_class = ray.remote(_UnitActor).options(
+            num_cpus=stage.resources.cpus,
+            num_gpus=stage.resources.gpus,
+            max_restarts=self.max_retries,  # a dead actor comes back, set up again,
+            max_task_retries=self.max_retries,  # and the unit it held is run again
+        )
+        actors = [  # the stage by value: a restarted actor must not need a freed object
+            actor_class.remote(stage, str(folder))
+            for _ in range(self.pool_size(ray, stage, len(units)))
+        ]
+        log.info("%s: %d units on %d Ray actors", stage.name, len(units), len(actors))
+        try:
+            pool = ActorPool(actors)
+            for unit in units:
+                pool.submit(lambda actor, u: actor.run.remote(u, signatures[u.name]), unit)
+            while pool.has_next():
+                finished(_ray_result(ray, None, pool))
+        finally:
+            for actor in actors:
+                ray.kill(actor)  # free their GPUs for the next stage
+
+
+def _ray_result(ray: Any, ref: Any, pool: Any = None) -> dict[str, Any]:
+    """A unit's result from `ref` (or the pool's next), raising a unit's own error as itself."""
+    try:
+        return pool.get_next_unordered() if pool is not None else ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.as_instanceof_cause() from None
 
 
 def make_executor(

@@ -9,6 +9,8 @@ A map stage (`MapStage`) says
   unit that can never succeed as it is (an unreadable shard): it is recorded, the others go on;
 - `setup()`: once per worker process before its first unit (load a model, build an automaton);
 - `resources`: what one unit needs where units are scheduled (Ray): CPUs, GPUs;
+- `actors`: whether Ray runs the units on a pool of long-lived actors, each set up once (a
+  stage that loads a model), rather than one task per unit;
 - `run_units(units)` (optional): run several units in one stream in this process, yielding each
   unit's outcome as it completes; the in-process executor uses it, so a stage can keep one
   pipeline (decode workers, a model) across units. The default runs `run_unit` one by one.
@@ -76,6 +78,7 @@ class MapStage(ABC):
 
     name: ClassVar[str]  # folder name of its records: OUT/.curate/<name>/
     resources: ClassVar[Resources] = Resources()
+    actors: ClassVar[bool] = False  # on Ray: a pool of actors set up once, not a task per unit
 
     @abstractmethod
     def plan(self) -> list[Unit]:
