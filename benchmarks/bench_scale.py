@@ -9,10 +9,17 @@ can evict), reported apart, in bytes per pool sample.
 
     python benchmarks/bench_scale.py --stage score --sizes 100000 1000000 --dim 64
 
-Stages: score (the reduce of `curate score -m negclip -m clipscore`; the clipscore map is run
-first and not measured; negclip with a small |B| and K=1, so the time is the reduce's own work
-rather than the matmuls). Other stages (select, balance, rebalance, the write plan) join here as
-their reduces become bounded.
+Stages:
+- score: the reduce of `curate score -m negclip -m clipscore` (the clipscore map is run first
+  and not measured; negclip with a small |B| and K=1, so the time is the reduce's own work
+  rather than the matmuls);
+- select: `curate select` on a scores.parquet-shaped table (uid, key, shard, status, error,
+  clipscore and negclip as float32; one row group per --per-shard rows; one uid in 1,000
+  repeated, one row in 200 failed), with `--where 'clipscore > 0.1' --top negclip:0.5:pool
+  --top clipscore:0.5:remainder`: the whole stage, outputs included.
+Other stages (balance, rebalance, the write plan) join here as their reduces become bounded.
+
+    python benchmarks/bench_scale.py --stage select --sizes 1000000 10000000
 """
 
 from __future__ import annotations
@@ -64,6 +71,75 @@ def make_run(folder: Path, samples: int, per_shard: int, dim: int, seed: int = 0
             text.astype(np.float16), fingerprint=record["fingerprint"], source=None,
         )  # fmt: skip
     return stems
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def make_score_table(path: Path, samples: int, per_shard: int, seed: int = 0) -> None:
+    """A scores.parquet-like table written a row group at a time (vectorised: uids hex-encoded
+    from random bytes straight into an Arrow buffer)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    writer = None
+    previous: pa.Array | None = None
+    for start in range(0, samples, per_shard):
+        n = min(per_shard, samples - start)
+        raw = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
+        chars = np.empty((n, 32), dtype=np.uint8)
+        chars[:, 0::2], chars[:, 1::2] = _HEX[raw >> 4], _HEX[raw & 15]
+        offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * 32).tobytes())
+        uid = pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(chars.tobytes())])
+        rows = np.arange(start, start + n)
+        if previous is not None:  # one uid in 1,000 repeats one of the previous row group
+            repeat = np.flatnonzero(rows % 1000 == 999)
+            values = uid.to_numpy(zero_copy_only=False)
+            values[repeat] = previous.to_numpy(zero_copy_only=False)[repeat % len(previous)]
+            uid = pa.array(values, type=pa.string())
+        previous = uid
+        failed = rows % 200 == 7
+        stem = f"{start // per_shard:05d}"
+        table = pa.table({
+            "uid": uid,
+            "key": pa.array([f"{stem}{i:05d}" for i in range(n)]),
+            "shard": pa.array([stem] * n),
+            "status": pa.array(np.where(failed, "failed", "scored")),
+            "error": pa.array(np.where(failed, "decode_error: synthetic", None)),
+            "clipscore": pa.array(rng.random(n, dtype=np.float32)),
+            "negclip": pa.array(rng.standard_normal(n, dtype=np.float32)),
+        })  # fmt: skip
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    assert writer is not None
+    writer.close()
+
+
+def measure_select(table: Path) -> dict[str, float]:
+    """In this (fresh) process: `select_pool` over the table, measured whole."""
+    import gc
+
+    from curate.selection.rules import Condition, TopStep
+    from curate.selection.stage import SelectSpec, select_pool
+
+    spec = SelectSpec(
+        where=[Condition.parse("clipscore > 0.1")],
+        top=[TopStep.parse("negclip:0.5:pool"), TopStep.parse("clipscore:0.5:remainder")],
+    )
+    gc.collect()
+    base_anon, base_file = Sampler.read()
+    start = time.perf_counter()
+    with Sampler() as sampler:
+        report = select_pool(table, spec, out=table.parent / "subset")
+    return {
+        "rows": report.rows,
+        "scored": report.selected,
+        "seconds": time.perf_counter() - start,
+        "anon_peak_bytes": sampler.anon - base_anon,
+        "file_peak_bytes": sampler.file - base_file,
+    }
 
 
 class Sampler:
@@ -128,7 +204,7 @@ def measure_score(folder: Path, batch: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=["score"], default="score")
+    parser.add_argument("--stage", choices=["score", "select"], default="score")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=64)
@@ -136,17 +212,24 @@ def main() -> None:
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one size, this process
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure_score(Path(args.measure), args.negclip_batch)))
+        if args.stage == "select":
+            print(json.dumps(measure_select(Path(args.measure))))
+        else:
+            print(json.dumps(measure_score(Path(args.measure), args.negclip_batch)))
         return
     results = []
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
             folder = Path(tmp) / "run"
             started = time.perf_counter()
-            make_run(folder, size, args.per_shard, args.dim)
+            if args.stage == "select":
+                folder = Path(tmp) / "scores.parquet"
+                make_score_table(folder, size, args.per_shard)
+            else:
+                make_run(folder, size, args.per_shard, args.dim)
             made = time.perf_counter() - started
             done = subprocess.run(
-                [sys.executable, __file__, "--measure", str(folder),
+                [sys.executable, __file__, "--measure", str(folder), "--stage", args.stage,
                  "--negclip-batch", str(args.negclip_batch)],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
@@ -157,8 +240,9 @@ def main() -> None:
                 "generate_seconds": round(made, 1),
                 "anon_bytes_per_sample": round(result["anon_peak_bytes"] / size, 1),
                 "file_bytes_per_sample": round(result["file_peak_bytes"] / size, 1),
-                "memmap_bytes_per_sample": 2 * 2 * args.dim,
             }
+            if args.stage == "score":
+                result["memmap_bytes_per_sample"] = 2 * 2 * args.dim
             results.append(result)
             print(json.dumps(result), flush=True)
     ratio = results[-1]["anon_bytes_per_sample"] / max(results[0]["anon_bytes_per_sample"], 1)

@@ -385,44 +385,36 @@ def test_pool_index_keeps_the_first_embedded_occurrence_of_each_uid() -> None:
     """PoolIndex.first_occurrences against a dictionary walk over the rows in pool order."""
     import pyarrow as pa
 
-    from curate.io.uid_files import uid_bytes, uids_to_pairs
+    from curate.io.uid_files import uid_pairs, uids_to_pairs
     from curate.scoring.pool import PoolIndex
 
     rng = np.random.default_rng(11)
     for _ in range(20):
         n = int(rng.integers(0, 60))
-        vocabulary = [f"{int(v):032x}" for v in rng.integers(0, 2**62, size=8)]
+        # a shared first half for some: equal hi, different lo
+        vocabulary = [f"{int(v):032x}" for v in rng.integers(0, 2**62, size=6)]
+        vocabulary += [vocabulary[0][:16] + "f" * 16, vocabulary[1][:16] + "e" * 16]
         uids = [vocabulary[int(i)] for i in rng.integers(0, 8, size=n)]
         embedded = rng.random(n) < 0.7
+        hi, lo, _ = uid_pairs(pa.array(uids, pa.string()))
         index = PoolIndex(
             stems=["a"],
-            uids=uid_bytes(pa.array(uids, pa.string())),
+            hi=hi,
+            lo=lo,
             embedded=embedded,
             shard_of=np.zeros(n, np.int32),
             rows_per_shard=np.array([n]),
         )
-        kept, first = index.first_occurrences()
+        kept, (rows, firsts) = index.first_occurrences()
+        earlier = dict(zip(rows.tolist(), firsts.tolist(), strict=True))
         seen: dict[str, int] = {}
         for i, uid in enumerate(uids):
             if not embedded[i]:
-                assert not kept[i] and first[i] == -1
+                assert not kept[i] and i not in earlier
                 continue
             assert kept[i] == (uid not in seen)
             seen.setdefault(uid, i)
-            assert first[i] == seen[uid]
+            assert earlier.get(i, i) == seen[uid]
+        assert rows.tolist() == sorted(rows.tolist())
         pairs = uids_to_pairs(uids)
-        halves = index.uids.view(">u8")
-        assert (halves[:, 0] == pairs["f0"]).all() and (halves[:, 1] == pairs["f1"]).all()
-
-
-def test_uid_bytes_refuses_malformed_uids() -> None:
-    import pyarrow as pa
-
-    from curate.io.uid_files import uid_bytes
-
-    with pytest.raises(ValueError, match="32 hex"):
-        uid_bytes(pa.array(["abc"]))
-    with pytest.raises(ValueError, match="hexadecimal"):
-        uid_bytes(pa.array(["g" * 32]))
-    with pytest.raises(ValueError, match="nulls"):
-        uid_bytes(pa.array([None, "0" * 32]))
+        assert (index.hi == pairs["f0"]).all() and (index.lo == pairs["f1"]).all()

@@ -21,7 +21,7 @@ from curate.errors import InputError
 from curate.io.uid_files import DATACOMP_DTYPE, write_datacomp_npy
 from curate.selection.normsim_d import normsim2_d
 from curate.selection.rules import Condition, TopStep, derived_columns, top_count, top_mask
-from curate.selection.stage import SelectSpec, load_pool_table, select_pool
+from curate.selection.stage import PoolTable, SelectSpec, select_pool
 
 
 def uid_of(i: int) -> str:
@@ -522,11 +522,11 @@ def test_load_pool_table_folder_and_glob(tmp_path: Path) -> None:
         write_pool(part, folder / f"part{k}.parquet")
     (folder / "notes.txt").write_text("ignored", encoding="utf-8")
     whole = pl.concat(parts)
-    by_folder, run = load_pool_table(folder)
-    assert run is None
-    assert by_folder.equals(whole)
-    by_glob, _ = load_pool_table(str(folder / "part*.parquet"))
-    assert by_glob.equals(whole)
+    by_folder = PoolTable.open(folder)
+    assert by_folder.run is None
+    assert by_folder.read().select(whole.columns).equals(whole)
+    by_glob = PoolTable.open(str(folder / "part*.parquet"))
+    assert by_glob.read().select(whole.columns).equals(whole)
 
 
 # --- NormSim_2-D ---------------------------------------------------------------------------------

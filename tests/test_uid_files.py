@@ -18,10 +18,15 @@ from resharder_oracle import assert_resharder_accepts
 from curate.errors import InputError
 from curate.io.uid_files import (
     DATACOMP_DTYPE,
+    first_occurrences,
+    member_mask,
     pairs_to_uids,
     read_uid_file,
+    read_uid_pairs,
+    uid_pairs,
     uids_to_pairs,
     write_datacomp_npy,
+    write_datacomp_pairs,
 )
 
 
@@ -353,3 +358,99 @@ def test_missing_and_unknown_type(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown uid file type") as exc:
         read_uid_file(odd)
     assert ".npy" in one_line(exc)
+
+
+# --- compact uid columns (select's reduce) ------------------------------------------------------
+
+
+def colliding_uids(rng: np.random.Generator, n: int) -> list[str]:
+    """Random uids where many share their first 64 bits (forcing the lo comparisons) and many
+    repeat whole, in random order; upper case now and then."""
+    heads = random_uids(rng, max(1, n // 6))
+    uids = []
+    for _ in range(n):
+        head = heads[int(rng.integers(len(heads)))][:16]
+        tail = random_uids(rng, 1)[0][16:] if rng.random() < 0.6 else "0" * 15 + "1"
+        uid = head + tail
+        uids.append(uid.upper() if rng.random() < 0.1 else uid)
+    return uids
+
+
+def test_uid_pairs_match_int_parsing_and_flag_bad_values() -> None:
+    rng = np.random.default_rng(11)
+    good = random_uids(rng, 50)
+    values = [*good, good[2].upper(), None, "xyz", good[0][:31], good[1] + "0", "g" * 32]
+    hi, lo, valid = uid_pairs(pa.array(values))
+    hex_digits = set("0123456789abcdefABCDEF")
+    expected = [v is not None and len(v) == 32 and set(v) <= hex_digits for v in values]
+    assert valid.tolist() == expected
+    for i, v in enumerate(values):
+        if v is not None and expected[i]:
+            assert (int(hi[i]), int(lo[i])) == (int(v[:16], 16), int(v[16:], 16))
+        else:
+            assert hi[i] == 0 and lo[i] == 0
+    hi, lo, valid = uid_pairs(pa.array([1, 2], type=pa.int64()))
+    assert not valid.any()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_first_occurrences_equal_a_set_walk(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    uids = colliding_uids(rng, 400)
+    candidates = rng.random(len(uids)) < 0.8
+    hi, lo, _ = uid_pairs(pa.array(uids))
+    seen: set[str] = set()
+    expected = []
+    for uid, candidate in zip(uids, candidates, strict=True):
+        first = bool(candidate) and uid.lower() not in seen
+        if candidate:
+            seen.add(uid.lower())
+        expected.append(first)
+    assert first_occurrences(hi, lo, candidates).tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_member_mask_equals_set_membership(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    pool = colliding_uids(rng, 300)
+    wanted = [u.lower() for u in rng.choice(pool, 80)] + random_uids(rng, 40) + [pool[0]] * 3
+    where = rng.random(len(pool)) < 0.7
+    hi, lo, _ = uid_pairs(pa.array(pool))
+    w_hi, w_lo, _ = uid_pairs(pa.array(wanted))
+    rows, found = member_mask(hi, lo, w_hi, w_lo, where)
+    wanted_set = {u.lower() for u in wanted}
+    assert rows.tolist() == [u.lower() in wanted_set for u in pool]
+    present = {u.lower() for u, w in zip(pool, where, strict=True) if w}
+    assert found.tolist() == [u in present for u in sorted(wanted_set)]
+
+
+def test_write_datacomp_pairs_writes_the_same_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    uids = colliding_uids(rng, 200)
+    hi, lo, _ = uid_pairs(pa.array(uids))
+    assert write_datacomp_pairs(tmp_path / "a.npy", hi, lo) == len({u.lower() for u in uids})
+    write_datacomp_npy(tmp_path / "b.npy", uids)
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    assert write_datacomp_pairs(tmp_path / "e.npy", hi[:0], lo[:0]) == 0
+
+
+def test_read_uid_pairs_equals_read_uid_file_for_every_format(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    uids = [*random_uids(rng, 30), "A" * 32]
+    uids.append(uids[3])
+    write_datacomp_npy(tmp_path / "s.npy", uids)
+    pq.write_table(pa.table({"uid": uids}), tmp_path / "s.parquet")
+    (tmp_path / "s.txt").write_text("uid\n" + "\n".join(uids) + "\n")
+    write_datacomp_npy(tmp_path / "r.npy", uids)
+    raw = np.load(tmp_path / "r.npy")
+    raw.tofile(tmp_path / "s.bin")
+    for name in ("s.npy", "s.parquet", "s.txt", "s.bin"):
+        hi, lo = read_uid_pairs(tmp_path / name)
+        expected = [(int(u[:16], 16), int(u[16:], 16)) for u in read_uid_file(tmp_path / name).uids]
+        assert list(zip(hi.tolist(), lo.tolist(), strict=True)) == expected, name
+    pq.write_table(pa.table({"uid": [uids[0], "nope"]}), tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match="row 1 is not a 32-hex"):
+        read_uid_pairs(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"id": [uids[0]]}), tmp_path / "nouid.parquet")
+    with pytest.raises(InputError, match="no 'uid' column"):
+        read_uid_pairs(tmp_path / "nouid.parquet")

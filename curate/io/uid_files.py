@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.errors import InputError
@@ -31,10 +32,16 @@ from curate.runtime.atomic import atomic_path
 __all__ = [
     "DATACOMP_DTYPE",
     "UidList",
+    "first_occurrences",
+    "member_mask",
     "pairs_to_uids",
     "read_uid_file",
+    "read_uid_pairs",
+    "repeats",
+    "uid_pairs",
     "uids_to_pairs",
     "write_datacomp_npy",
+    "write_datacomp_pairs",
 ]
 
 DATACOMP_DTYPE = np.dtype("u8,u8")  # what the resharder asserts: fields f0, f1, native uint64
@@ -81,26 +88,117 @@ for _i, _c in enumerate(b"ABCDEF"):
     _HEX_VALUE[_c] = 10 + _i
 
 
-def uid_bytes(uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """An Arrow column of 32-hex uids as an (n, 16) uint8 array: the 128 bits, big-endian, so
-    ``.view(">u8")`` is DataComp's pair. Vectorised over Arrow's character buffer, 16 bytes
-    per uid and no Python string per row; a null or malformed uid is a ValueError."""
+_SEARCH_ROWS = 1 << 20  # rows per binary-search chunk: its temporaries stay a few MB
+
+
+def uid_pairs(uids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A column of uids as DataComp's pair, two native uint64 arrays (hi, lo: 16 bytes a row),
+    and a mask of the rows that hold a 32-hex uid (either case); the others (null, wrong
+    length, not hex, not a string) are 0 in hi and lo. Vectorised over Arrow's character buffer:
+    no Python string per row."""
     array = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
-    array = array.cast(pa.large_string())
     n = len(array)
+    hi, lo = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64)
+    try:
+        array = array.cast(pa.large_string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return hi, lo, np.zeros(n, dtype=bool)
     if n == 0:
-        return np.zeros((0, 16), dtype=np.uint8)
-    if array.null_count:
-        raise ValueError("a uid column holds nulls")
+        return hi, lo, np.zeros(0, dtype=bool)
+    lengths = pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+    valid = lengths == 32
+    if not valid.all():
+        array = pc.if_else(pa.array(valid), array, "0" * 32)
+        array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
     _, offsets_buf, data_buf = array.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64)[array.offset : array.offset + n + 1]
-    if not bool((np.diff(offsets) == 32).all()):
-        raise ValueError("a uid is not 32 hex characters long")
     chars = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[0] + 32 * n]
-    nibbles = _HEX_VALUE[chars].reshape(n, 16, 2)
-    if bool((nibbles == 255).any()):
-        raise ValueError("a uid holds a character that is not hexadecimal")
-    return (nibbles[:, :, 0] << 4) | nibbles[:, :, 1]
+    nibbles = _HEX_VALUE[chars].reshape(n, 32)
+    valid &= (nibbles != 255).all(axis=1)
+    nibbles[~valid] = 0
+    for half, target in ((nibbles[:, :16], hi), (nibbles[:, 16:], lo)):
+        for k in range(16):
+            target <<= np.uint64(4)
+            target |= half[:, k]
+    return hi, lo, valid
+
+
+def repeats(
+    hi: np.ndarray, lo: np.ndarray, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, firsts): the candidate rows whose uid (hi, lo) an earlier candidate row has, in
+    row order, and that first row for each. Sorts a copy of the candidates' hi (8 bytes a row),
+    finds the hi values seen twice (real repeats, or a 64-bit collision), and orders only the
+    rows holding those by (uid, row)."""
+    values = hi[candidates]
+    values.sort()
+    repeated = np.unique(values[1:][values[1:] == values[:-1]])
+    del values
+    if repeated.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    in_group = np.zeros(hi.size, dtype=bool)
+    for start in range(0, hi.size, _SEARCH_ROWS):
+        part = slice(start, start + _SEARCH_ROWS)
+        at = np.minimum(np.searchsorted(repeated, hi[part]), repeated.size - 1)
+        in_group[part] = candidates[part] & (repeated[at] == hi[part])
+    members = np.flatnonzero(in_group)
+    del in_group
+    by_uid = members[np.lexsort((members, lo[members], hi[members]))]
+    new = np.ones(by_uid.size, dtype=bool)
+    new[1:] = (hi[by_uid][1:] != hi[by_uid][:-1]) | (lo[by_uid][1:] != lo[by_uid][:-1])
+    run_start = np.maximum.accumulate(np.where(new, np.arange(by_uid.size), 0))
+    rows, firsts = by_uid[~new], by_uid[run_start[~new]]
+    order = np.argsort(rows)
+    return rows[order], firsts[order]
+
+
+def first_occurrences(hi: np.ndarray, lo: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Mask of the candidate rows whose uid no earlier candidate row has (`repeats`)."""
+    first = candidates.copy()
+    first[repeats(hi, lo, candidates)[0]] = False
+    return first
+
+
+def member_mask(
+    hi: np.ndarray, lo: np.ndarray, want_hi: np.ndarray, want_lo: np.ndarray, where: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, found): `rows` marks the rows whose uid is among the wanted ones; `found` marks,
+    for each distinct wanted uid in (hi, lo) order, whether a row in `where` has it. Binary
+    search over the sorted wanted uids, a chunk of rows at a time."""
+    order = np.lexsort((want_lo, want_hi))
+    w_hi, w_lo = want_hi[order], want_lo[order]
+    distinct = np.ones(w_hi.size, dtype=bool)
+    distinct[1:] = (w_hi[1:] != w_hi[:-1]) | (w_lo[1:] != w_lo[:-1])
+    w_hi, w_lo = w_hi[distinct], w_lo[distinct]
+    rows = np.zeros(hi.size, dtype=bool)
+    found = np.zeros(w_hi.size, dtype=bool)
+    if w_hi.size == 0:
+        return rows, found
+    for start in range(0, hi.size, _SEARCH_ROWS):
+        h, lo_ = hi[start : start + _SEARCH_ROWS], lo[start : start + _SEARCH_ROWS]
+        left = np.searchsorted(w_hi, h, side="left")
+        right = np.searchsorted(w_hi, h, side="right")
+        # Within equal hi (at most a few, by chance), the wanted lo are sorted: search them.
+        for extra in range(int((right - left).max(initial=0))):
+            at = np.minimum(left + extra, w_hi.size - 1)
+            hit = (left + extra < right) & (w_lo[at] == lo_)
+            rows[start : start + h.size] |= hit
+            found[at[hit & where[start : start + h.size]]] = True
+    return rows, found
+
+
+def write_datacomp_pairs(path: Path, hi: np.ndarray, lo: np.ndarray) -> int:
+    """`write_datacomp_npy` from uint64 pairs: sorted, de-duplicated; returns how many."""
+    order = np.lexsort((lo, hi))
+    array = np.empty(order.size, dtype=DATACOMP_DTYPE)
+    array["f0"], array["f1"] = hi[order], lo[order]
+    if array.size:
+        keep = np.ones(array.size, dtype=bool)
+        keep[1:] = (array["f0"][1:] != array["f0"][:-1]) | (array["f1"][1:] != array["f1"][:-1])
+        array = array[keep]
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    return int(array.size)
 
 
 def pairs_to_uids(pairs: np.ndarray) -> list[str]:
@@ -121,9 +219,8 @@ def write_datacomp_npy(path: Path, uids: Iterable[str]) -> int:
     return len(unique)
 
 
-def read_uid_file(path: Path | str) -> UidList:
-    """Read a uid file by extension (a folder means its ``subset.parquet``); one-line errors."""
-    path = Path(path)
+def _uid_path(path: Path) -> Path:
+    """The uid file: `path`, or a folder's ``subset.parquet``."""
     if path.is_dir():
         inner = path / "subset.parquet"
         if not inner.is_file():
@@ -131,14 +228,52 @@ def read_uid_file(path: Path | str) -> UidList:
         path = inner
     if not path.is_file():
         raise InputError(f"uid file {path} does not exist")
+    return path
+
+
+def _pairs_array(path: Path) -> np.ndarray:
+    return _npy_array(path) if _has_npy_header(path) else _raw_array(path)
+
+
+def read_uid_file(path: Path | str) -> UidList:
+    """Read a uid file by extension (a folder means its ``subset.parquet``); one-line errors."""
+    path = _uid_path(Path(path))
     suffix = path.suffix.lower()
     if suffix == ".npy" or suffix in RAW_SUFFIXES:
-        return _read_npy(path) if _has_npy_header(path) else _read_raw(path)
+        return _from_pairs(path, _pairs_array(path))
     if suffix == ".parquet":
         return _read_parquet(path)
     if suffix in (".txt", ".uids", ".csv", ""):
         return _read_text(path)
     raise InputError(f"{path}: unknown uid file type {suffix!r}; use {UID_FORMATS}")
+
+
+def read_uid_pairs(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """A uid file's uids as DataComp pairs (hi, lo: native uint64, 16 bytes a uid, file order,
+    repeats kept), without a Python string per uid for .npy, raw and parquet files; the same
+    files and one-line errors as `read_uid_file`."""
+    path = _uid_path(Path(path))
+    suffix = path.suffix.lower()
+    if suffix == ".npy" or suffix in RAW_SUFFIXES:
+        array = _pairs_array(path)
+        names = array.dtype.names or ("", "")
+        return array[names[0]].astype(np.uint64), array[names[1]].astype(np.uint64)
+    if suffix == ".parquet":
+        try:
+            column = pq.read_table(path, columns=["uid"]).column("uid")
+        except (pa.ArrowException, OSError, KeyError) as exc:
+            _read_parquet(path)  # says what is wrong in read_uid_file's words
+            raise InputError(f"{path}: not a readable parquet file ({exc})") from exc
+        hi, lo, valid = uid_pairs(column)
+        if not valid.all():
+            bad = int(np.flatnonzero(~valid)[0])
+            raise InputError(
+                f"{path}: row {bad} is not a 32-hex-character uid: {column[bad].as_py()!r}"
+            )
+        return hi, lo
+    uids = read_uid_file(path).uids
+    hi, lo, _ = uid_pairs(pa.array(uids, type=pa.string()))
+    return hi, lo
 
 
 def _has_npy_header(path: Path) -> bool:
@@ -149,7 +284,7 @@ def _has_npy_header(path: Path) -> bool:
         raise InputError(f"cannot read uid file {path}: {exc.strerror or exc}") from None
 
 
-def _read_raw(path: Path) -> UidList:
+def _raw_array(path: Path) -> np.ndarray:
     """A headerless file of 16-byte little-endian (u64, u64) records, as DataComp memmaps it."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -165,8 +300,7 @@ def _read_raw(path: Path) -> UidList:
             f"{path}: looks like text, not a .npy file or a raw memmap of 16-byte uid records "
             f"(saw {seen}); a list of hex uids, one per line, goes in a .txt file"
         )
-    array = np.fromfile(path, dtype=_RECORD) if size else np.empty(0, dtype=_RECORD)
-    return _from_pairs(path, array)
+    return np.fromfile(path, dtype=_RECORD) if size else np.empty(0, dtype=_RECORD)
 
 
 def _from_pairs(path: Path, array: np.ndarray) -> UidList:
@@ -176,7 +310,7 @@ def _from_pairs(path: Path, array: np.ndarray) -> UidList:
     return UidList(str(path), pairs_to_uids(array), was_sorted=was_sorted)
 
 
-def _read_npy(path: Path) -> UidList:
+def _npy_array(path: Path) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -192,7 +326,7 @@ def _read_npy(path: Path) -> UidList:
             f"{path}: dtype {array.dtype} with shape {array.shape} is not a DataComp subset "
             "(a 1-D array of two little-endian uint64 fields, np.dtype('u8,u8'))"
         )
-    return _from_pairs(path, array)
+    return array
 
 
 def _read_parquet(path: Path) -> UidList:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from curate.embedding.store import RunFolder, embeddings_to_numpy
 from curate.errors import RunFolderError
-from curate.io.uid_files import uid_bytes
+from curate.io.uid_files import repeats, uid_pairs
 
 __all__ = ["EmbeddingStore", "PoolIndex"]
 
@@ -32,26 +32,31 @@ class PoolIndex:
     """Compact per-row columns of the pool: 16 + 1 + 4 bytes per row, plus the shard table."""
 
     stems: list[str]
-    uids: np.ndarray  # (n, 16) uint8
+    hi: np.ndarray  # (n,) uint64: the uid's first 64 bits (DataComp's pair)
+    lo: np.ndarray  # (n,) uint64: its last 64 bits
     embedded: np.ndarray  # (n,) bool: the row has embeddings (no error in its table)
     shard_of: np.ndarray  # (n,) int32 index into `stems`
     rows_per_shard: np.ndarray  # (len(stems),) int64
 
     @classmethod
     def read(cls, run: RunFolder, stems: Sequence[str]) -> PoolIndex:
-        uids, embedded, counts = [], [], []
+        his, los, embedded, counts = [], [], [], []
         for stem in stems:
             table = run.read_shard(stem, ["uid", "error"])
-            try:
-                uids.append(uid_bytes(table.column("uid")))
-            except ValueError as exc:
-                raise RunFolderError(f"shard {stem} of run {run.path}: {exc}") from exc
+            hi, lo, valid = uid_pairs(table.column("uid"))
+            if not valid.all():
+                bad = table.column("uid")[int(np.flatnonzero(~valid)[0])].as_py()
+                raise RunFolderError(
+                    f"shard {stem} of run {run.path}: uid {bad!r} is not 32 hex characters"
+                )
+            his.append(hi), los.append(lo)
             embedded.append(np.asarray(pc.is_null(table.column("error"))))
             counts.append(table.num_rows)
         rows = np.array(counts, dtype=np.int64)
         return cls(
             stems=list(stems),
-            uids=np.concatenate(uids) if uids else np.zeros((0, 16), np.uint8),
+            hi=np.concatenate(his) if his else np.zeros(0, np.uint64),
+            lo=np.concatenate(los) if los else np.zeros(0, np.uint64),
             embedded=np.concatenate(embedded) if embedded else np.zeros(0, bool),
             shard_of=np.repeat(np.arange(len(stems), dtype=np.int32), rows),
             rows_per_shard=rows,
@@ -61,18 +66,14 @@ class PoolIndex:
     def rows(self) -> int:
         return int(self.embedded.size)
 
-    def first_occurrences(self) -> tuple[np.ndarray, np.ndarray]:
-        """(kept, first): `kept` marks embedded rows whose uid no earlier embedded row has;
-        `first[i]` is the row index of the first embedded row with row i's uid (-1 for rows that
-        did not embed)."""
-        candidates = np.flatnonzero(self.embedded)
-        keys = np.ascontiguousarray(self.uids[candidates]).view("V16").ravel()
-        _, first_pos, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        first = np.full(self.rows, -1, dtype=np.int64)
-        first[candidates] = candidates[first_pos[inverse.ravel()]]
-        kept = np.zeros(self.rows, dtype=bool)
-        kept[candidates[first_pos]] = True
-        return kept, first
+    def first_occurrences(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """(kept, (rows, firsts)): `kept` marks embedded rows whose uid no earlier embedded row
+        has; `rows` (sorted) are the other embedded rows, `firsts` the first embedded row with
+        each one's uid (`io.uid_files.repeats`)."""
+        rows, firsts = repeats(self.hi, self.lo, self.embedded)
+        kept = self.embedded.copy()
+        kept[rows] = False
+        return kept, (rows, firsts)
 
     def bounds(self, shard: int) -> tuple[int, int]:
         """Row range [start, stop) of shard number `shard` in the pool."""

@@ -380,7 +380,7 @@ def score_run(
         return report
 
     index = PoolIndex.read(run, stems)
-    kept, first = index.first_occurrences()  # scored: embedded rows whose uid is new
+    kept, (repeat_rows, first_rows) = index.first_occurrences()  # scored: new uids
     report.read, report.scored = index.rows, int(kept.sum())
     report.failed = report.read - report.scored
     report.params = {"model": {k: model[k] for k in ("model", "pretrained", "fingerprint")}}
@@ -425,8 +425,10 @@ def score_run(
                 scored = kept[start:stop]
                 meta = run.read_shard(stem, META_COLUMNS)
                 errors = meta.column("error").to_pylist()
-                for i in np.flatnonzero(index.embedded[start:stop] & ~scored):
-                    earlier = index.stems[index.shard_of[first[start + i]]]
+                repeated = np.flatnonzero(index.embedded[start:stop] & ~scored)
+                firsts = first_rows[np.searchsorted(repeat_rows, start + repeated)]
+                for i, first in zip(repeated.tolist(), firsts.tolist(), strict=True):
+                    earlier = index.stems[index.shard_of[first]]
                     errors[i] = f"duplicate_uid: uid also in shard {earlier}"
                 failures.update(failure_code(e) for e in errors if e)
                 columns = {c: meta.column(c) for c in META_COLUMNS}

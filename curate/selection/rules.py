@@ -55,12 +55,22 @@ def top_count(fraction: float, base_size: int) -> int:
     return math.floor(base_size * fraction)
 
 
+def top_threshold(values: np.ndarray, n: int) -> float | None:
+    """The DataComp top rule's threshold over `values` (no NaNs): the value at 0-based position
+    n in descending order (a partition, not a sort: one copy of `values`); None when n reaches
+    every value (all are kept). Keep ``values >= threshold``."""
+    if n >= values.size:
+        return None
+    values = np.partition(values, values.size - 1 - n)
+    return float(values[values.size - 1 - n])
+
+
 def top_mask(values: np.ndarray, n: int) -> tuple[np.ndarray, float | None]:
     """Keep mask and threshold for the DataComp top rule over `values` (no NaNs)."""
-    if n >= values.size:
+    threshold = top_threshold(values, n)
+    if threshold is None:
         return np.ones(values.size, dtype=bool), None
-    threshold = -np.sort(-values, kind="stable")[n]
-    return values >= threshold, float(threshold)
+    return values >= threshold, threshold
 
 
 @dataclass(frozen=True)

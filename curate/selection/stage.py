@@ -18,22 +18,30 @@ and `subset.npy` (DataComp format, sorted).
 from __future__ import annotations
 
 import glob
+import itertools
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curate.embedding.store import RunFolder
 from curate.errors import InputError, RunFolderError, failure_code
 from curate.io.shards import check_out_apart
-from curate.io.uid_files import read_uid_file, write_datacomp_npy
-from curate.io.uids import is_uid
-from curate.runtime.atomic import write_atomic, write_json_atomic
+from curate.io.uid_files import (
+    first_occurrences,
+    member_mask,
+    read_uid_pairs,
+    uid_pairs,
+    write_datacomp_pairs,
+)
+from curate.runtime.atomic import atomic_path, write_json_atomic
 from curate.runtime.records import logged_stage
 from curate.selection.rules import (
     DERIVED,
@@ -42,7 +50,7 @@ from curate.selection.rules import (
     TopStep,
     derived_columns,
     top_count,
-    top_mask,
+    top_threshold,
 )
 
 SUBSET_TABLE = "subset.parquet"
@@ -107,72 +115,193 @@ class SelectReport:
         return data
 
 
-def load_pool_table(
-    source: Path | str, *, out: Path | None = None
-) -> tuple[pl.DataFrame, RunFolder | None]:
-    """The pool: RUN/scores.parquet for a run folder, else a parquet file, folder or glob.
+CHUNK_ROWS = 1 << 18  # rows read at once: the reads' memory does not grow with the pool
+# Reason codes of `_Selection.reason` (int16); codes from STEPS_FROM on are `steps` labels.
+NO_REASON, FROM_STATUS, BAD_UID, DUPLICATE_UID, STEPS_FROM = 0, 1, 2, 3, 4
+DUPLICATE_REASON = "duplicate_uid: uid already earlier in the pool table"
+_SIZE_SOURCES = ("caption", "text", "width", "height", "original_width", "original_height")
 
-    With `out`, refuses an output folder that holds a pool file (a rerun would read it back)."""
-    path = Path(source)
-    if path.is_dir() and RunFolder.is_run(path):
-        table = path / "scores.parquet"
-        if not table.is_file():
-            raise RunFolderError(
-                f"run {path} has no scores.parquet yet; run `curate score {path}` first"
+
+@dataclass
+class PoolTable:
+    """The pool's parquet files, read a chunk of rows at a time (never whole): their unified
+    schema (polars' relaxed concatenation) with the `DERIVED` columns, and the run folder when
+    the source is one."""
+
+    files: list[Path]
+    schema: pl.Schema
+    rows: int
+    run: RunFolder | None = None
+
+    @classmethod
+    def open(cls, source: Path | str, *, out: Path | None = None) -> PoolTable:
+        """RUN/scores.parquet for a run folder, else a parquet file, folder or glob. With `out`,
+        refuses an output folder that holds a pool file (a rerun would read it back)."""
+        path = Path(source)
+        run = None
+        if path.is_dir() and RunFolder.is_run(path):
+            files = [path / "scores.parquet"]
+            if not files[0].is_file():
+                raise RunFolderError(
+                    f"run {path} has no scores.parquet yet; run `curate score {path}` first"
+                )
+            run = RunFolder(path)
+        elif path.is_dir():
+            files = sorted(path.glob("*.parquet"))
+        elif path.is_file():
+            files = [path]
+        else:
+            files = [Path(p) for p in sorted(glob.glob(str(source)))]
+        if not files:
+            raise InputError(
+                f"{source}: no pool table found (give a run folder with scores.parquet, a "
+                "parquet file, or a folder or glob of parquet files)"
             )
         if out is not None:
-            check_out_apart(out, [table])
-        return _read_parquets([table]), RunFolder(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-    elif path.is_file():
-        files = [path]
-    else:
-        files = [Path(p) for p in sorted(glob.glob(str(source)))]
-    if not files:
-        raise InputError(
-            f"{source}: no pool table found (give a run folder with scores.parquet, a parquet "
-            "file, or a folder or glob of parquet files)"
-        )
-    if out is not None:
-        check_out_apart(out, files)
-    return _read_parquets(files), None
+            check_out_apart(out, files)
+        schemas, rows = [], 0
+        for file in files:
+            try:
+                schemas.append(pl.DataFrame(schema=pl.read_parquet_schema(file)))
+                rows += pq.ParquetFile(file).metadata.num_rows
+            except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+                raise InputError(f"cannot read pool table {file}: {exc}") from exc
+        schema = derived_columns(pl.concat(schemas, how="diagonal_relaxed")).schema
+        if "uid" not in schema:
+            raise InputError(f"{files[0]}: pool table has no 'uid' column")
+        return cls(files, schema, rows, run)
 
+    def chunks(self, columns: Sequence[str] | None = None) -> Iterator[pl.DataFrame]:
+        """The rows in table order, `CHUNK_ROWS` at a time, as frames of `columns` (all, with
+        the derived ones, by default) in the unified schema; a missing column is null."""
+        wanted = list(self.schema) if columns is None else list(columns)
+        template = pl.DataFrame(schema={c: self.schema[c] for c in wanted})
+        derived = any(c in DERIVED for c in wanted)
+        for file in self.files:
+            try:
+                parquet = pq.ParquetFile(file, pre_buffer=False)
+                present = set(parquet.schema_arrow.names)
+                read = [c for c in wanted if c in present]
+                if derived:
+                    read += [c for c in _SIZE_SOURCES if c in present and c not in read]
+                # A row group at a time: iter_batches' read-ahead holds far more (measured)
+                for group in range(parquet.num_row_groups):
+                    part = parquet.read_row_group(group, columns=read)
+                    for batch in part.to_batches(max_chunksize=CHUNK_ROWS):
+                        chunk = pl.from_arrow(pa.Table.from_batches([batch], part.schema))
+                        assert isinstance(chunk, pl.DataFrame)
+                        if derived:
+                            chunk = derived_columns(chunk)
+                        chunk = chunk.select([c for c in wanted if c in chunk.columns])
+                        yield pl.concat([template, chunk], how="diagonal_relaxed")
+                    del part
+            except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+                raise InputError(f"cannot read pool table {file}: {exc}") from exc
 
-def _read_parquets(files: Sequence[Path]) -> pl.DataFrame:
-    try:
-        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputError(f"cannot read pool table {files[0]}: {exc}") from exc
-    if "uid" not in frame.columns:
-        raise InputError(f"{files[0]}: pool table has no 'uid' column")
-    return frame
+    def row_chunks(
+        self, columns: Sequence[str] | None = None
+    ) -> Iterator[tuple[slice, pl.DataFrame]]:
+        """`chunks` with the slice of pool rows each one holds."""
+        start = 0
+        for chunk in self.chunks(columns):
+            yield slice(start, start + chunk.height), chunk
+            start += chunk.height
+
+    def read(self) -> pl.DataFrame:
+        """The whole table (small tables and tests only)."""
+        return pl.concat(list(self.chunks()), how="vertical")
+
+    def column(self, name: str) -> np.ndarray:
+        """One numeric column over the pool as float32 when stored as float32 (4 bytes a row),
+        else float64; nulls are NaN."""
+        single = self.schema[name] == pl.Float32
+        values = np.empty(self.rows, dtype=np.float32 if single else np.float64)
+        for rows, chunk in self.row_chunks([name]):
+            column = chunk[name].cast(pl.Float32 if single else pl.Float64)
+            values[rows] = column.fill_null(float("nan")).to_numpy()
+        return values
+
+    def mask(self, expr: pl.Expr, column: str) -> np.ndarray:
+        """A boolean expression over `column` (derived columns allowed), for every pool row."""
+        mask = np.empty(self.rows, dtype=bool)
+        for rows, chunk in self.row_chunks([column]):
+            mask[rows] = chunk.select(expr).to_series().to_numpy()
+        return mask
 
 
 class _Selection:
-    """Mutable per-row state while the steps run."""
+    """Per-row state while the steps run, columnar and compact: the uid as two uint64 (16
+    bytes), keep and failed flags, a reason code (int16) and a kept-by code (int8)."""
 
-    def __init__(self, frame: pl.DataFrame) -> None:
-        n = frame.height
-        self.frame = frame
-        self.uids: list[str] = [str(u).lower() if u is not None else "" for u in frame["uid"]]
+    def __init__(self, table: PoolTable) -> None:
+        self.table = table
+        n = table.rows
+        self.hi, self.lo = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64)
         self.keep = np.zeros(n, dtype=bool)
-        self.failed = np.zeros(n, dtype=bool)
-        self.reason: list[str | None] = [None] * n
-        self.kept_by: list[str | None] = [None] * n
+        self.reason = np.zeros(n, dtype=np.int16)
+        self.failures: Counter[str] = Counter()
+        columns = [c for c in ("uid", "status", "error") if c in table.schema]
+        for rows, chunk in table.row_chunks(columns):
+            hi, lo, valid = uid_pairs(chunk["uid"].to_arrow())
+            scored = (
+                (chunk["status"] == "scored").fill_null(False).to_numpy()
+                if "status" in chunk.columns
+                else np.ones(chunk.height, dtype=bool)
+            )
+            self.hi[rows], self.lo[rows], self.keep[rows] = hi, lo, scored & valid
+            self.reason[rows][~scored] = FROM_STATUS
+            self.reason[rows][scored & ~valid] = BAD_UID
+            self.failures.update(_status_failures(chunk, ~scored))
+            self.failures["bad_uid"] += int((scored & ~valid).sum())
+        duplicate = first_occurrences(self.hi, self.lo, self.keep)
+        np.logical_not(duplicate, out=duplicate)
+        duplicate &= self.keep
+        self.reason[duplicate] = DUPLICATE_UID
+        self.failures["duplicate_uid"] += int(duplicate.sum())
+        self.keep &= ~duplicate
+        del duplicate
+        self.failed = self.reason != NO_REASON
+        self.failures = Counter({k: v for k, v in self.failures.items() if v})
+        self.kept_by = np.zeros(n, dtype=np.int8)  # 0: none, 1: criteria, 2+: union labels
+        self.labels: list[str] = []  # reason code STEPS_FROM + i
+        self.kept_labels: list[str] = ["criteria"]  # kept-by code 1 + i
         self.steps: list[StepCount] = []
+        self.extra: dict[str, np.ndarray] = {}  # columns a step computed (normsim2_d)
 
     def drop(self, mask: np.ndarray, step: str, threshold: float | None = None) -> None:
         """Drop the candidates where `mask` is False, recording `step` as the reason."""
         before = int(self.keep.sum())
-        dropped = self.keep & ~mask
-        for i in np.flatnonzero(dropped):
-            self.reason[i] = step
+        self.labels.append(step)
+        self.reason[self.keep & ~mask] = STEPS_FROM + len(self.labels) - 1
         self.keep &= mask
         self.steps.append(StepCount(step, before, int(self.keep.sum()), threshold))
 
-    def uid_mask(self, wanted: set[str]) -> np.ndarray:
-        return np.fromiter((u in wanted for u in self.uids), dtype=bool, count=len(self.uids))
+    def uid_mask(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """Rows whose uid is in the uid file `path`, and for each distinct uid of the file
+        (sorted) whether a row that did not fail has it."""
+        hi, lo = read_uid_pairs(path)
+        return member_mask(self.hi, self.lo, hi, lo, where=~self.failed)
+
+
+def _status_failures(chunk: pl.DataFrame, unscored: np.ndarray) -> Counter[str]:
+    """Failure codes of the rows not scored: their error, else ``status_<status>``."""
+    if not unscored.any():
+        return Counter()
+    rows = chunk.filter(pl.Series(unscored))
+    reasons = _status_reasons(rows)
+    return Counter(failure_code(r) for r in reasons.to_list())
+
+
+def _status_reasons(rows: pl.DataFrame) -> pl.Series:
+    """The reason of rows that were not scored: their error, else ``status_<status>``."""
+    status = (
+        pl.col("status").cast(pl.String).fill_null("None")
+        if "status" in rows.columns
+        else pl.lit("None")
+    )
+    error = pl.col("error").cast(pl.String) if "error" in rows.columns else pl.lit(None, pl.String)
+    reason = pl.when(error.is_not_null() & (error != "")).then(error)
+    return rows.select(reason.otherwise(pl.concat_str([pl.lit("status_"), status])).alias("r"))["r"]
 
 
 @logged_stage("select")
@@ -185,33 +314,28 @@ def select_pool(
 ) -> SelectReport:
     """Run `spec` over the pool at `source` and write the subset files into `out`."""
     start = time.perf_counter()
-    frame, run = load_pool_table(source, out=out)
-    frame = derived_columns(frame)
-    report = SelectReport(out=Path(out), source=str(source), rows=frame.height)
+    table = PoolTable.open(source, out=out)
+    for condition in spec.where:
+        _require_column(table.schema, condition.column, "--where")
+    for top in spec.top:
+        if top.column != NORMSIM2_D:
+            _require_column(table.schema, top.column, "--top")
+    state = _Selection(table)
+    report = SelectReport(out=Path(out), source=str(source), rows=int(state.keep.size))
     report.spec = spec.to_json()
-    state = _Selection(frame)
-    _mark_pool(state)
     report.pool = int(state.keep.sum())
     report.failed = int(state.failed.sum())
-    report.failures = dict(
-        sorted(
-            Counter(
-                failure_code(r) for r, f in zip(state.reason, state.failed, strict=True) if f and r
-            ).items()
-        )
-    )
+    report.failures = dict(sorted(state.failures.items()))
     pool_size = report.pool
     restricted = False
     for path in spec.intersect:
-        state.drop(state.uid_mask(set(read_uid_file(path).uids)), f"intersect {Path(path).name}")
+        state.drop(state.uid_mask(path)[0], f"intersect {Path(path).name}")
         restricted = True
     for path in spec.exclude:
-        state.drop(~state.uid_mask(set(read_uid_file(path).uids)), f"exclude {Path(path).name}")
+        state.drop(~state.uid_mask(path)[0], f"exclude {Path(path).name}")
         restricted = True
     for condition in spec.where:
-        _require_column(frame, condition.column, "--where")
-        mask = frame.select(condition.expr()).to_series().to_numpy()
-        state.drop(np.asarray(mask, dtype=bool), condition.label)
+        state.drop(table.mask(condition.expr(), condition.column), condition.label)
         restricted = True
     for top in spec.top:
         if top.base is None and restricted:
@@ -220,10 +344,9 @@ def select_pool(
                 f"whether {top.fraction:g} is of the pool or of the remainder ("
                 f"{top.column}:{top.fraction:g}:pool or {top.column}:{top.fraction:g}:remainder)"
             )
-        _apply_top(state, top, pool_size, run, spec, device)
+        _apply_top(state, top, pool_size, table.run, spec, device)
         restricted = True
-    for i in np.flatnonzero(state.keep):
-        state.kept_by[i] = "criteria"
+    state.kept_by[state.keep] = 1
     for path in spec.union:
         _apply_union(state, path)
     report.steps = state.steps
@@ -234,35 +357,15 @@ def select_pool(
     return report
 
 
-def _mark_pool(state: _Selection) -> None:
-    """Candidates = scored rows with a valid, first-seen uid; the rest fail with a reason."""
-    frame = state.frame
-    status = frame["status"].to_list() if "status" in frame.columns else ["scored"] * frame.height
-    errors = frame["error"].to_list() if "error" in frame.columns else [None] * frame.height
-    seen: set[str] = set()
-    for i, (uid, st, err) in enumerate(zip(state.uids, status, errors, strict=True)):
-        if st != "scored":
-            state.reason[i] = err or f"status_{st}"
-        elif not is_uid(uid):
-            state.reason[i] = f"bad_uid: {frame['uid'][i]!r} is not 32 hex characters"
-        elif uid in seen:
-            state.reason[i] = "duplicate_uid: uid already earlier in the pool table"
-        else:
-            seen.add(uid)
-            state.keep[i] = True
-            continue
-        state.failed[i] = True
-
-
-def _require_column(frame: pl.DataFrame, column: str, option: str) -> None:
-    if column in frame.columns and frame.schema[column].is_numeric():
+def _require_column(schema: pl.Schema, column: str, option: str) -> None:
+    if column in schema and schema[column].is_numeric():
         return
-    numeric = [c for c, t in frame.schema.items() if t.is_numeric()]
+    numeric = [c for c, t in schema.items() if t.is_numeric()]
     hint = f"numeric columns: {', '.join(numeric) or 'none'}"
-    unavailable = sorted(set(DERIVED) - set(frame.columns))
+    unavailable = sorted(set(DERIVED) - set(schema))
     if column in unavailable:
         hint = f"{column} needs caption or width/height columns in the pool table"
-    if column in frame.columns:
+    if column in schema:
         raise InputError(f"{option}: column {column!r} is not numeric ({hint})")
     raise InputError(f"{option}: the pool table has no column {column!r} ({hint})")
 
@@ -279,19 +382,16 @@ def _apply_top(
         base = pool_size if (top.base or "pool") == "pool" else int(state.keep.sum())
         _apply_normsim2_d(state, top, top_count(top.fraction, base), run, spec, device)
         return
-    _require_column(state.frame, top.column, "--top")
-    column = state.frame[top.column].cast(pl.Float64)
-    values = column.to_numpy()
-    null = column.is_null().to_numpy() | np.isnan(values)
+    values = state.table.column(top.column)  # float32 stays 4 bytes; NaN where null
+    null = np.isnan(values)
     if (state.keep & null).any():
         state.drop(~null, f"{top.column} is null")
+    del null
     # After the null step (reported as its own step): the remainder is what this step ranks.
     base = pool_size if (top.base or "pool") == "pool" else int(state.keep.sum())
     n = top_count(top.fraction, base)
-    index = np.flatnonzero(state.keep)
-    keep, threshold = top_mask(values[index], n)
-    mask = np.ones_like(state.keep)
-    mask[index[~keep]] = False
+    threshold = top_threshold(values[state.keep], n)
+    mask = values >= threshold if threshold is not None else np.ones_like(state.keep)
     state.drop(mask, top.label, threshold)
     state.steps[-1].note = f"n = floor({top.fraction:g} x {base}) = {n}"
 
@@ -312,9 +412,11 @@ def _apply_normsim2_d(
         )
     from curate.scoring.stage import load_pool
 
-    if "shard" not in state.frame.columns:
+    if "shard" not in state.table.schema:
         raise RunFolderError(f"{run.path}/scores.parquet has no shard column; rerun curate score")
-    stems = sorted(set(state.frame["shard"].drop_nulls().to_list()))
+    stems = sorted(
+        {s for c in state.table.chunks(["shard"]) for s in c["shard"].drop_nulls().unique()}
+    )
     meta, arrays = load_pool(run, stems, with_embeddings=["image_emb"])
     row_of: dict[str, int] = {}  # embedding row of each uid's first OK sample
     ok_uids = (
@@ -323,9 +425,11 @@ def _apply_normsim2_d(
         if e is None
     )
     for row, uid in enumerate(ok_uids):
-        row_of.setdefault(uid, row)
+        row_of.setdefault(uid.lower(), row)
     index = np.flatnonzero(state.keep)
-    rows = np.array([row_of.get(state.uids[i], -1) for i in index], dtype=np.int64)
+    pairs = zip(state.hi[index], state.lo[index], strict=True)
+    uids = [f"{int(h):016x}{int(lo):016x}" for h, lo in pairs]
+    rows = np.array([row_of.get(u, -1) for u in uids], dtype=np.int64)
     if (rows < 0).any():
         raise RunFolderError(
             f"{int((rows < 0).sum())} candidates have no image embedding in run {run.path}; "
@@ -337,11 +441,9 @@ def _apply_normsim2_d(
     mask_local, scores = normsim2_d(
         emb, min(n + 1, index.size), rounds=spec.normsim2d_rounds, seed=spec.seed, device=device
     )
-    column = np.full(state.frame.height, np.nan, dtype=np.float32)
+    column = np.full(state.keep.size, np.nan, dtype=np.float32)
     column[index] = scores
-    state.frame = state.frame.with_columns(
-        pl.Series(NORMSIM2_D, column).fill_nan(None).alias(NORMSIM2_D)
-    )
+    state.extra[NORMSIM2_D] = column
     mask = np.ones_like(state.keep)
     mask[index[~mask_local]] = False
     state.drop(mask, top.label)
@@ -349,45 +451,86 @@ def _apply_normsim2_d(
 
 
 def _apply_union(state: _Selection, path: Path) -> None:
-    uids = read_uid_file(path)
-    wanted = set(uids.uids)
-    mask = state.uid_mask(wanted)
+    mask, found = state.uid_mask(path)
     add = mask & ~state.keep & ~state.failed
     before = int(state.keep.sum())
     label = f"union {Path(path).name}"
-    for i in np.flatnonzero(add):
-        state.reason[i] = None
-        state.kept_by[i] = label
+    state.kept_labels.append(label)
+    state.reason[add] = NO_REASON
+    state.kept_by[add] = len(state.kept_labels)
     state.keep |= add
-    present = {state.uids[i] for i in np.flatnonzero(mask & ~state.failed)}
     note = None
-    if len(present) < len(wanted):
-        note = f"{len(wanted) - len(present)} uids of the file are not in the pool's scored rows"
+    if not found.all():
+        note = f"{int((~found).sum())} uids of the file are not in the pool's scored rows"
     state.steps.append(StepCount(label, before, int(state.keep.sum()), None, note))
 
 
 def _write_outputs(state: _Selection, out: Path) -> None:
-    frame = state.frame
-    status = np.where(state.keep, "kept", np.where(state.failed, "failed", "dropped"))
+    """decisions.parquet (every row) and subset.parquet (kept rows, all their columns), written
+    a chunk of the pool at a time in table order, and subset.npy from the kept pairs."""
+    table = state.table
+    labels = pl.Series([None, None, None, DUPLICATE_REASON, *state.labels], dtype=pl.String)
+    kept_labels = pl.Series([None, *state.kept_labels], dtype=pl.String)
+    out.mkdir(parents=True, exist_ok=True)
+    with (
+        atomic_path(out / DECISIONS_TABLE) as decisions_tmp,
+        atomic_path(out / SUBSET_TABLE) as subset_tmp,
+    ):
+        decisions_out = subset_out = None
+        empty = (slice(0, 0), pl.DataFrame(schema=table.schema))
+        for rows, chunk in itertools.chain(table.row_chunks(), [empty]):
+            if chunk is empty[1] and decisions_out is not None:
+                break
+            decisions, subset = _chunk_outputs(state, chunk, rows, labels, kept_labels)
+            if decisions_out is None:
+                decisions_out = pq.ParquetWriter(decisions_tmp, decisions.schema)
+                subset_out = pq.ParquetWriter(subset_tmp, subset.schema)
+            assert subset_out is not None
+            decisions_out.write_table(decisions)
+            subset_out.write_table(subset)
+        assert decisions_out is not None and subset_out is not None  # a table has a schema
+        decisions_out.close()
+        subset_out.close()
+    write_datacomp_pairs(out / SUBSET_NPY, state.hi[state.keep], state.lo[state.keep])
+
+
+def _chunk_outputs(
+    state: _Selection, chunk: pl.DataFrame, rows: slice, labels: pl.Series, kept: pl.Series
+) -> tuple[pa.Table, pa.Table]:
+    """One chunk's rows of decisions.parquet and subset.parquet, as Arrow tables."""
+    keep = state.keep[rows]
+    code = state.reason[rows]
+    uid = chunk["uid"].cast(pl.String).str.to_lowercase().fill_null("")
+    reason = labels.gather(code.astype(np.int64))
+    if (code == FROM_STATUS).any() or (code == BAD_UID).any():
+        reason = reason.to_list()
+        status = _status_reasons(chunk).to_list()
+        raw = chunk["uid"].to_list()
+        for i in np.flatnonzero((code == FROM_STATUS) | (code == BAD_UID)):
+            reason[i] = (
+                status[i] if code[i] == FROM_STATUS
+                else f"bad_uid: {raw[i]!r} is not 32 hex characters"
+            )  # fmt: skip
+        reason = pl.Series(reason, dtype=pl.String)
+    failed = state.failed[rows]
     decisions = pl.DataFrame(
         {
-            "uid": state.uids,
-            "status": status.tolist(),
-            "reason": [None if k else r for k, r in zip(state.keep, state.reason, strict=True)],
-            "kept_by": state.kept_by,
+            "uid": uid,
+            "status": np.where(keep, "kept", np.where(failed, "failed", "dropped")).tolist(),
+            "reason": pl.Series(reason, dtype=pl.String).zip_with(
+                pl.Series(~keep), pl.Series([None] * chunk.height, dtype=pl.String)
+            ),
+            "kept_by": kept.gather(state.kept_by[rows].astype(np.int64)),
         }
     )
     for column in ("key", "shard"):
-        if column in frame.columns:
-            decisions = decisions.with_columns(frame[column].alias(column))
+        if column in chunk.columns:
+            decisions = decisions.with_columns(chunk[column].alias(column))
+    extra = [pl.Series(name, col[rows]).fill_nan(None) for name, col in state.extra.items()]
     subset = (
-        frame.with_columns(
-            pl.Series("uid", state.uids), pl.Series("kept_by", state.kept_by, dtype=pl.String)
-        )
-        .filter(pl.Series(state.keep))
-        .drop([c for c in ("status", "error") if c in frame.columns])
+        chunk.with_columns(*extra, uid, decisions["kept_by"])
+        .filter(pl.Series(keep))
+        .drop([c for c in ("status", "error") if c in chunk.columns])
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / DECISIONS_TABLE, lambda tmp: decisions.write_parquet(tmp))
-    write_atomic(out / SUBSET_TABLE, lambda tmp: subset.write_parquet(tmp))
-    write_datacomp_npy(out / SUBSET_NPY, subset["uid"].to_list())
+    compat = pl.CompatLevel.oldest()
+    return decisions.to_arrow(compat_level=compat), subset.to_arrow(compat_level=compat)
