@@ -16,7 +16,8 @@ Stages:
 - select: `curate select` on a scores.parquet-shaped table (uid, key, shard, status, error,
   clipscore and negclip as float32; one row group per --per-shard rows; one uid in 1,000
   repeated, one row in 200 failed), with `--where 'clipscore > 0.1' --top negclip:0.5:pool
-  --top clipscore:0.5:remainder`: the whole stage, outputs included.
+  --top clipscore:0.5:remainder`: the whole stage, outputs included. With --bad, half the rows
+  repeat a uid and `--intersect` takes a subset file as long as the table, half unknown.
 Other stages (balance, rebalance, the write plan) join here as their reduces become bounded.
 
     python benchmarks/bench_scale.py --stage select --sizes 1000000 10000000
@@ -76,15 +77,20 @@ def make_run(folder: Path, samples: int, per_shard: int, dim: int, seed: int = 0
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
-def make_score_table(path: Path, samples: int, per_shard: int, seed: int = 0) -> None:
+def make_score_table(
+    path: Path, samples: int, per_shard: int, seed: int = 0, *, bad: bool = False
+) -> None:
     """A scores.parquet-like table written a row group at a time (vectorised: uids hex-encoded
-    from random bytes straight into an Arrow buffer)."""
+    from random bytes straight into an Arrow buffer). `bad`: every second row repeats the uid
+    of the row before it (half the table is duplicate rows), and SUBSET.npy beside the table
+    lists as many uids as the table has rows, half of them not in it (for --intersect)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
     writer = None
     previous: pa.Array | None = None
+    subset: list[np.ndarray] = []
     for start in range(0, samples, per_shard):
         n = min(per_shard, samples - start)
         raw = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
@@ -93,7 +99,15 @@ def make_score_table(path: Path, samples: int, per_shard: int, seed: int = 0) ->
         offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * 32).tobytes())
         uid = pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(chars.tobytes())])
         rows = np.arange(start, start + n)
-        if previous is not None:  # one uid in 1,000 repeats one of the previous row group
+        if bad:
+            raw[1::2] = raw[0::2][: n // 2]  # each odd row repeats the even row before it
+            chars[:, 0::2], chars[:, 1::2] = _HEX[raw >> 4], _HEX[raw & 15]
+            uid = pa.Array.from_buffers(
+                pa.string(), n, [None, offsets, pa.py_buffer(chars.tobytes())]
+            )
+            subset.append(raw[0::2])  # the table's distinct uids
+            subset.append(rng.integers(0, 256, size=(n // 2, 16), dtype=np.uint8))  # unknown
+        elif previous is not None:  # one uid in 1,000 repeats one of the previous row group
             repeat = np.flatnonzero(rows % 1000 == 999)
             values = uid.to_numpy(zero_copy_only=False)
             values[repeat] = previous.to_numpy(zero_copy_only=False)[repeat % len(previous)]
@@ -115,18 +129,26 @@ def make_score_table(path: Path, samples: int, per_shard: int, seed: int = 0) ->
         writer.write_table(table)
     assert writer is not None
     writer.close()
+    if bad:
+        halves = np.concatenate(subset).view(">u8")
+        pairs = np.empty(len(halves), dtype=np.dtype("u8,u8"))
+        pairs["f0"], pairs["f1"] = halves[:, 0], halves[:, 1]
+        np.save(path.with_name("SUBSET.npy"), np.sort(pairs, order=["f0", "f1"]))
 
 
 def measure_select(table: Path) -> dict[str, float]:
-    """In this (fresh) process: `select_pool` over the table, measured whole."""
+    """In this (fresh) process: `select_pool` over the table, measured whole (with
+    --intersect SUBSET.npy when the table was made `bad`)."""
     import gc
 
     from curate.selection.rules import Condition, TopStep
     from curate.selection.stage import SelectSpec, select_pool
 
+    subset = table.with_name("SUBSET.npy")
     spec = SelectSpec(
         where=[Condition.parse("clipscore > 0.1")],
         top=[TopStep.parse("negclip:0.5:pool"), TopStep.parse("clipscore:0.5:remainder")],
+        intersect=[subset] if subset.is_file() else [],
     )
     gc.collect()
     base_anon, base_file = Sampler.read()
@@ -136,6 +158,8 @@ def measure_select(table: Path) -> dict[str, float]:
     return {
         "rows": report.rows,
         "scored": report.selected,
+        "failures": report.failures,
+        "steps": [(step.step, step.before, step.after) for step in report.steps[:2]],
         "seconds": time.perf_counter() - start,
         "anon_peak_bytes": sampler.anon - base_anon,
         "file_peak_bytes": sampler.file - base_file,
@@ -209,6 +233,10 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--negclip-batch", type=int, default=256)
+    parser.add_argument(
+        "--bad", action="store_true", help="select: half the rows duplicates, --intersect a "
+        "subset file as long as the table, half of its uids unknown"
+    )  # fmt: skip
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one size, this process
     args = parser.parse_args()
     if args.measure:
@@ -224,7 +252,7 @@ def main() -> None:
             started = time.perf_counter()
             if args.stage == "select":
                 folder = Path(tmp) / "scores.parquet"
-                make_score_table(folder, size, args.per_shard)
+                make_score_table(folder, size, args.per_shard, bad=args.bad)
             else:
                 make_run(folder, size, args.per_shard, args.dim)
             made = time.perf_counter() - started

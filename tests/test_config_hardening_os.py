@@ -65,12 +65,15 @@ def test_out_below_a_file(inputs: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def _fail_writes(monkeypatch: pytest.MonkeyPatch, number: int, message: str) -> None:
-    """Make every parquet write fail with OSError `number` (no file name, as write(2) gives)."""
+    """Make every parquet write fail with OSError `number` (no file name, as write(2) gives),
+    through polars and through pyarrow's streaming writer (select writes a chunk at a time)."""
+    import pyarrow.parquet as pq
 
-    def failing(self: pl.DataFrame, file: object, *args: object, **kwargs: object) -> None:
+    def failing(self: object, file: object, *args: object, **kwargs: object) -> None:
         raise OSError(number, message)
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", failing)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
 
 
 @pytest.mark.parametrize("command", ["select", "balance"])

@@ -514,7 +514,7 @@ def test_pool_marks_bad_and_repeated_uids_failed(tmp_path: Path) -> None:
     assert kept_uids(tmp_path / "o") == {uid_of(0), uid_of(1)}
 
 
-def test_load_pool_table_folder_and_glob(tmp_path: Path) -> None:
+def test_pool_table_reads_a_folder_and_a_glob(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     parts = [random_pool(rng, 30), random_pool(rng, 20)]
     folder = tmp_path / "tables"

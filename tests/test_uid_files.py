@@ -422,6 +422,9 @@ def test_member_mask_equals_set_membership(seed: int) -> None:
     assert rows.tolist() == [u.lower() in wanted_set for u in pool]
     present = {u.lower() for u, w in zip(pool, where, strict=True) if w}
     assert found.tolist() == [u in present for u in sorted(wanted_set)]
+    s_hi, s_lo, _ = uid_pairs(pa.array(sorted(wanted_set)))  # a DataComp file's order
+    sorted_rows, sorted_found = member_mask(hi, lo, s_hi, s_lo, where)
+    assert (sorted_rows == rows).all() and (sorted_found == found).all()
 
 
 def test_write_datacomp_pairs_writes_the_same_file(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ a no-op (set algebra) or upweighting (``curate write --duplicates repeat``).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,39 +123,52 @@ def uid_pairs(uids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray,
     return hi, lo, valid
 
 
+def _repeat_pieces(
+    hi: np.ndarray, lo: np.ndarray, candidates: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`repeats`' pairs, a slice of the repeated hi values at a time (not in row order)."""
+    values = hi[candidates]
+    values.sort()
+    repeated = np.unique(values[1:][values[1:] == values[:-1]])
+    del values
+    for piece in range(0, repeated.size, _SEARCH_ROWS):
+        wanted = repeated[piece : piece + _SEARCH_ROWS]
+        in_group = np.zeros(hi.size, dtype=bool)
+        for start in range(0, hi.size, _SEARCH_ROWS):
+            part = slice(start, start + _SEARCH_ROWS)
+            at = np.minimum(np.searchsorted(wanted, hi[part]), wanted.size - 1)
+            in_group[part] = candidates[part] & (wanted[at] == hi[part])
+        members = np.flatnonzero(in_group)
+        del in_group
+        by_uid = members[np.lexsort((members, lo[members], hi[members]))]
+        del members
+        new = np.ones(by_uid.size, dtype=bool)
+        new[1:] = (hi[by_uid][1:] != hi[by_uid][:-1]) | (lo[by_uid][1:] != lo[by_uid][:-1])
+        run_start = np.maximum.accumulate(np.where(new, np.arange(by_uid.size), 0))
+        yield by_uid[~new], by_uid[run_start[~new]]
+
+
 def repeats(
     hi: np.ndarray, lo: np.ndarray, candidates: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rows, firsts): the candidate rows whose uid (hi, lo) an earlier candidate row has, in
     row order, and that first row for each. Sorts a copy of the candidates' hi (8 bytes a row),
     finds the hi values seen twice (real repeats, or a 64-bit collision), and orders only the
-    rows holding those by (uid, row)."""
-    values = hi[candidates]
-    values.sort()
-    repeated = np.unique(values[1:][values[1:] == values[:-1]])
-    del values
-    if repeated.size == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    in_group = np.zeros(hi.size, dtype=bool)
-    for start in range(0, hi.size, _SEARCH_ROWS):
-        part = slice(start, start + _SEARCH_ROWS)
-        at = np.minimum(np.searchsorted(repeated, hi[part]), repeated.size - 1)
-        in_group[part] = candidates[part] & (repeated[at] == hi[part])
-    members = np.flatnonzero(in_group)
-    del in_group
-    by_uid = members[np.lexsort((members, lo[members], hi[members]))]
-    new = np.ones(by_uid.size, dtype=bool)
-    new[1:] = (hi[by_uid][1:] != hi[by_uid][:-1]) | (lo[by_uid][1:] != lo[by_uid][:-1])
-    run_start = np.maximum.accumulate(np.where(new, np.arange(by_uid.size), 0))
-    rows, firsts = by_uid[~new], by_uid[run_start[~new]]
+    rows holding those by (uid, row), a slice of those hi values at a time (so a table of
+    mostly repeated rows needs no more)."""
+    pieces = list(_repeat_pieces(hi, lo, candidates))
+    rows = np.concatenate([np.zeros(0, np.int64), *(r for r, _ in pieces)])
+    firsts = np.concatenate([np.zeros(0, np.int64), *(f for _, f in pieces)])
     order = np.argsort(rows)
     return rows[order], firsts[order]
 
 
 def first_occurrences(hi: np.ndarray, lo: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Mask of the candidate rows whose uid no earlier candidate row has (`repeats`)."""
+    """Mask of the candidate rows whose uid no earlier candidate row has (`repeats`, without
+    collecting the repeated rows)."""
     first = candidates.copy()
-    first[repeats(hi, lo, candidates)[0]] = False
+    for rows, _ in _repeat_pieces(hi, lo, candidates):
+        first[rows] = False
     return first
 
 
@@ -165,11 +178,16 @@ def member_mask(
     """(rows, found): `rows` marks the rows whose uid is among the wanted ones; `found` marks,
     for each distinct wanted uid in (hi, lo) order, whether a row in `where` has it. Binary
     search over the sorted wanted uids, a chunk of rows at a time."""
-    order = np.lexsort((want_lo, want_hi))
-    w_hi, w_lo = want_hi[order], want_lo[order]
-    distinct = np.ones(w_hi.size, dtype=bool)
-    distinct[1:] = (w_hi[1:] != w_hi[:-1]) | (w_lo[1:] != w_lo[:-1])
-    w_hi, w_lo = w_hi[distinct], w_lo[distinct]
+    w_hi, w_lo = want_hi, want_lo
+    ascending = (w_hi[1:] > w_hi[:-1]) | ((w_hi[1:] == w_hi[:-1]) & (w_lo[1:] > w_lo[:-1]))
+    if not ascending.all():  # a DataComp file is sorted and distinct already: no copies then
+        del ascending
+        order = np.lexsort((want_lo, want_hi))
+        w_hi, w_lo = want_hi[order], want_lo[order]
+        del order
+        distinct = np.ones(w_hi.size, dtype=bool)
+        distinct[1:] = (w_hi[1:] != w_hi[:-1]) | (w_lo[1:] != w_lo[:-1])
+        w_hi, w_lo = w_hi[distinct], w_lo[distinct]
     rows = np.zeros(hi.size, dtype=bool)
     found = np.zeros(w_hi.size, dtype=bool)
     if w_hi.size == 0:
@@ -231,8 +249,10 @@ def _uid_path(path: Path) -> Path:
     return path
 
 
-def _pairs_array(path: Path) -> np.ndarray:
-    return _npy_array(path) if _has_npy_header(path) else _raw_array(path)
+def _pairs_array(path: Path, *, mapped: bool = False) -> np.ndarray:
+    if not _has_npy_header(path):
+        return _raw_array(path, mapped=mapped)
+    return _npy_array(path, mapped=mapped)
 
 
 def read_uid_file(path: Path | str) -> UidList:
@@ -255,7 +275,7 @@ def read_uid_pairs(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     path = _uid_path(Path(path))
     suffix = path.suffix.lower()
     if suffix == ".npy" or suffix in RAW_SUFFIXES:
-        array = _pairs_array(path)
+        array = _pairs_array(path, mapped=True)  # file pages: only hi and lo are held
         names = array.dtype.names or ("", "")
         return array[names[0]].astype(np.uint64), array[names[1]].astype(np.uint64)
     if suffix == ".parquet":
@@ -284,7 +304,7 @@ def _has_npy_header(path: Path) -> bool:
         raise InputError(f"cannot read uid file {path}: {exc.strerror or exc}") from None
 
 
-def _raw_array(path: Path) -> np.ndarray:
+def _raw_array(path: Path, *, mapped: bool = False) -> np.ndarray:
     """A headerless file of 16-byte little-endian (u64, u64) records, as DataComp memmaps it."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -300,7 +320,9 @@ def _raw_array(path: Path) -> np.ndarray:
             f"{path}: looks like text, not a .npy file or a raw memmap of 16-byte uid records "
             f"(saw {seen}); a list of hex uids, one per line, goes in a .txt file"
         )
-    return np.fromfile(path, dtype=_RECORD) if size else np.empty(0, dtype=_RECORD)
+    if not size:
+        return np.empty(0, dtype=_RECORD)
+    return np.memmap(path, dtype=_RECORD, mode="r") if mapped else np.fromfile(path, _RECORD)
 
 
 def _from_pairs(path: Path, array: np.ndarray) -> UidList:
@@ -310,9 +332,10 @@ def _from_pairs(path: Path, array: np.ndarray) -> UidList:
     return UidList(str(path), pairs_to_uids(array), was_sorted=was_sorted)
 
 
-def _npy_array(path: Path) -> np.ndarray:
+def _npy_array(path: Path, *, mapped: bool = False) -> np.ndarray:
+    """A DataComp .npy's records (`mapped`: memory-mapped, read-only, not loaded)."""
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mapped else None)
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path}: not a readable .npy file ({exc})") from exc
     names = array.dtype.names

@@ -17,6 +17,7 @@ and `subset.npy` (DataComp format, sorted).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import time
@@ -475,6 +476,7 @@ def _write_outputs(state: _Selection, out: Path) -> None:
     with (
         atomic_path(out / DECISIONS_TABLE) as decisions_tmp,
         atomic_path(out / SUBSET_TABLE) as subset_tmp,
+        contextlib.ExitStack() as writers,  # closed before the files are renamed, or on error
     ):
         decisions_out = subset_out = None
         empty = (slice(0, 0), pl.DataFrame(schema=table.schema))
@@ -482,15 +484,13 @@ def _write_outputs(state: _Selection, out: Path) -> None:
             if chunk is empty[1] and decisions_out is not None:
                 break
             decisions, subset = _chunk_outputs(state, chunk, rows, labels, kept_labels)
-            if decisions_out is None:
-                decisions_out = pq.ParquetWriter(decisions_tmp, decisions.schema)
-                subset_out = pq.ParquetWriter(subset_tmp, subset.schema)
-            assert subset_out is not None
+            if decisions_out is None or subset_out is None:
+                decisions_out = writers.enter_context(
+                    pq.ParquetWriter(decisions_tmp, decisions.schema)
+                )
+                subset_out = writers.enter_context(pq.ParquetWriter(subset_tmp, subset.schema))
             decisions_out.write_table(decisions)
             subset_out.write_table(subset)
-        assert decisions_out is not None and subset_out is not None  # a table has a schema
-        decisions_out.close()
-        subset_out.close()
     write_datacomp_pairs(out / SUBSET_NPY, state.hi[state.keep], state.lo[state.keep])
 
 
@@ -502,24 +502,25 @@ def _chunk_outputs(
     code = state.reason[rows]
     uid = chunk["uid"].cast(pl.String).str.to_lowercase().fill_null("")
     reason = labels.gather(code.astype(np.int64))
-    if (code == FROM_STATUS).any() or (code == BAD_UID).any():
-        reason = reason.to_list()
-        status = _status_reasons(chunk).to_list()
-        raw = chunk["uid"].to_list()
-        for i in np.flatnonzero((code == FROM_STATUS) | (code == BAD_UID)):
-            reason[i] = (
-                status[i] if code[i] == FROM_STATUS
-                else f"bad_uid: {raw[i]!r} is not 32 hex characters"
-            )  # fmt: skip
-        reason = pl.Series(reason, dtype=pl.String)
-    failed = state.failed[rows]
+    unscored = np.flatnonzero(code == FROM_STATUS)  # reasons from the row itself: few rows
+    if unscored.size:
+        rows_of = chunk[unscored.tolist()]
+        reason = reason.scatter(unscored, _status_reasons(rows_of))
+    bad = np.flatnonzero(code == BAD_UID)
+    if bad.size:
+        raw = chunk["uid"].gather(bad).to_list()
+        text = [f"bad_uid: {value!r} is not 32 hex characters" for value in raw]
+        reason = reason.scatter(bad, pl.Series(text, dtype=pl.String))
+    flags = pl.DataFrame({"keep": keep, "failed": state.failed[rows]})
+    status = flags.select(
+        pl.when("keep").then(pl.lit("kept")).when("failed").then(pl.lit("failed"))
+        .otherwise(pl.lit("dropped")).alias("status")
+    )["status"]  # fmt: skip
     decisions = pl.DataFrame(
         {
             "uid": uid,
-            "status": np.where(keep, "kept", np.where(failed, "failed", "dropped")).tolist(),
-            "reason": pl.Series(reason, dtype=pl.String).zip_with(
-                pl.Series(~keep), pl.Series([None] * chunk.height, dtype=pl.String)
-            ),
+            "status": status,
+            "reason": reason.zip_with(pl.Series(~keep), pl.Series([None], dtype=pl.String)),
             "kept_by": kept.gather(state.kept_by[rows].astype(np.int64)),
         }
     )
