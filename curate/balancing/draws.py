@@ -26,9 +26,10 @@ from collections.abc import Sequence
 from enum import Enum
 
 import numpy as np
+import pyarrow as pa
 
 from curate.balancing.sampling import _splitmix64, uniform_draws
-from curate.io.uid_files import uids_to_pairs
+from curate.io.uid_files import DATACOMP_DTYPE, uid_pairs
 
 __all__ = ["DrawRule", "class_keys", "draw_subset", "systematic_keep"]
 
@@ -123,7 +124,7 @@ def systematic_keep(
 
 def draw_subset(
     weights: np.ndarray,
-    uids: Sequence[str],
+    uids: Sequence[str] | pa.Array | pa.ChunkedArray,
     ok: np.ndarray,
     seed: int,
     rule: DrawRule,
@@ -135,8 +136,14 @@ def draw_subset(
     never kept. The systematic rule needs each row's concepts or matched entries as CSR arrays
     (`indptr`, `indices`) and its labels: together they name the exact classes."""
     ok = np.asarray(ok, dtype=bool)
+    column = uids if isinstance(uids, pa.Array | pa.ChunkedArray) else pa.array(uids, pa.string())
+    if len(column) != ok.size:
+        raise ValueError(f"{len(column)} uids for {ok.size} rows")
+    hi, lo, _ = uid_pairs(column)  # vectorised: no Python int per uid
     # Rows not ok (their uid may be malformed) draw as the all-zero uid; they are never kept.
-    pairs = uids_to_pairs([u if good else "0" * 32 for u, good in zip(uids, ok, strict=True)])
+    pairs = np.zeros(ok.size, dtype=DATACOMP_DTYPE)
+    pairs["f0"], pairs["f1"] = np.where(ok, hi, 0), np.where(ok, lo, 0)
+    del hi, lo
     draws = uniform_draws(pairs, seed)
     weights = np.where(ok, np.asarray(weights, dtype=np.float64), 0.0)
     if rule is DrawRule.independent:

@@ -388,7 +388,7 @@ def sample_pool(
     probability = keep_probabilities(offsets, entry_ids, counts, t)
     matched = ok & (lengths > 0)
     kept = draw_subset(
-        probability, uid.to_list(), matched, spec.seed, spec.draw, offsets, entry_ids
+        probability, uid.to_arrow(), matched, spec.seed, spec.draw, offsets, entry_ids
     )
 
     rows_of = np.repeat(np.arange(n), lengths)
@@ -468,7 +468,7 @@ def sample_pool(
     write_atomic(out / ENTRY_COUNTS_TABLE, lambda tmp: entry_table.write_parquet(tmp))
     write_atomic(out / DECISIONS_TABLE, lambda tmp: decisions.write_parquet(tmp))
     write_atomic(out / SUBSET_TABLE, lambda tmp: subset.write_parquet(tmp))
-    write_datacomp_npy(out / SUBSET_NPY, subset["uid"].to_list())
+    write_datacomp_npy(out / SUBSET_NPY, subset["uid"].to_arrow())
     report.seconds = time.perf_counter() - start
     record = {
         "spec": asdict(spec),

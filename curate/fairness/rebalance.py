@@ -264,7 +264,7 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
 
     kept = draw_subset(
         weights,
-        pool.frame["uid"].to_list(),
+        pool.frame["uid"].to_arrow(),
         ok,
         options.seed,
         DrawRule(options.draw),
@@ -355,7 +355,7 @@ def rebalance(audit_dir: Path, out: Path, options: RebalanceOptions) -> Rebalanc
     write_atomic(out / DECISIONS_TABLE, lambda tmp: decisions.write_parquet(tmp))
     write_atomic(out / SUBSET_TABLE, lambda tmp: subset_table.write_parquet(tmp))
     write_atomic(out / WEIGHTS_TABLE, lambda tmp: weight_table.write_parquet(tmp))
-    write_datacomp_npy(out / SUBSET_NPY, subset_table["uid"].to_list())
+    write_datacomp_npy(out / SUBSET_NPY, subset_table["uid"].to_arrow())
     write_atomic(out / METRICS_TABLE, lambda tmp: pl.concat(metric_frames).write_parquet(tmp))
     report = RebalanceReport(
         audit=str(audit_dir),

@@ -225,16 +225,18 @@ def pairs_to_uids(pairs: np.ndarray) -> list[str]:
     return [f"{int(a):016x}{int(b):016x}" for a, b in zip(pairs[first], pairs[second], strict=True)]
 
 
-def write_datacomp_npy(path: Path, uids: Iterable[str]) -> int:
-    """Write the sorted, de-duplicated uids as a DataComp subset file; returns how many."""
-    unique = sorted({uid.lower() for uid in uids})  # hex order == (u0, u1) numeric order
-    bad = next((u for u in unique if not is_uid(u)), None)
-    if bad is not None:
+def write_datacomp_npy(path: Path, uids: Iterable[str] | pa.Array | pa.ChunkedArray) -> int:
+    """Write the sorted, de-duplicated uids (any case) as a DataComp subset file; returns how
+    many (`write_datacomp_pairs`)."""
+    if isinstance(uids, pa.Array | pa.ChunkedArray):
+        column = uids
+    else:
+        column = pa.array(list(uids), pa.string())
+    hi, lo, valid = uid_pairs(column)
+    if not valid.all():
+        bad = column[int(np.flatnonzero(~valid)[0])].as_py()
         raise InputError(f"cannot write {path}: {bad!r} is not a 32-hex-character uid")
-    array = uids_to_pairs(unique)
-    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-    return len(unique)
+    return write_datacomp_pairs(path, hi, lo)
 
 
 def _uid_path(path: Path) -> Path:
