@@ -197,7 +197,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def uniform_draws(pairs: np.ndarray, seed: int) -> np.ndarray:
     """One uniform number in [0, 1) per uid, a pure function of (seed, uid).
 
-    `pairs` is the DataComp (f0, f1) form of the uids (`io.uid_files.uids_to_pairs`). The
+    `pairs` is the DataComp (f0, f1) form of the uids (`io.uid_files.uid_pairs`). The
     128-bit uid and the 64-bit seed go through SplitMix64 rounds; the top 53 bits give the number.
     """
     first, second = pairs.dtype.names or ("", "")

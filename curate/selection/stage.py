@@ -163,8 +163,11 @@ class PoolTable:
         schemas, rows = [], 0
         for file in files:
             try:
-                schemas.append(pl.DataFrame(schema=pl.read_parquet_schema(file)))
-                rows += pq.ParquetFile(file).metadata.num_rows
+                parquet = pq.ParquetFile(file)  # its footer: the schema and the row count
+                empty = pl.from_arrow(parquet.schema_arrow.empty_table())
+                assert isinstance(empty, pl.DataFrame)
+                schemas.append(empty)
+                rows += parquet.metadata.num_rows
             except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
                 raise InputError(f"cannot read pool table {file}: {exc}") from exc
         schema = derived_columns(pl.concat(schemas, how="diagonal_relaxed")).schema
