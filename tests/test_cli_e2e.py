@@ -175,7 +175,7 @@ def test_worker_count_does_not_change_results(
         tables.append(pl.read_parquet(run / "scores.parquet"))
     assert tables[0]["key"].to_list() == tables[1]["key"].to_list()
     # Batches are whole tar-order blocks whatever the worker count; only the model's CPU
-    # thread count differs (all cores vs cores - workers), which may move the last bits.
+    # thread count may differ (chosen by measuring with workers), which could move last bits.
     np.testing.assert_allclose(
         tables[0]["clipscore"].to_numpy(), tables[1]["clipscore"].to_numpy(), rtol=0, atol=1e-6
     )

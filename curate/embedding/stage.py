@@ -17,7 +17,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +33,7 @@ from curate.embedding.loader import (
     plan_units,
 )
 from curate.embedding.store import RunFolder, ShardRecord, source_signature
+from curate.embedding.threads import tuned_threads
 from curate.errors import InputError, RunFolderError
 from curate.io.shards import resolve_shards
 from curate.models.loading import LoadedModel, Precision, load_model
@@ -142,21 +142,6 @@ class _ShardState:
         return [self.rows[i] for i in order], image, text
 
 
-@contextmanager
-def _cpu_threads_beside(workers: int, device: torch.device) -> Iterator[None]:
-    """On CPU, leave the decoding workers their cores: the model gets what remains (≥ 1).
-
-    Oversubscribing (model threads + workers > cores) made embedding ~25% slower on 2 cores.
-    """
-    before = torch.get_num_threads()
-    if device.type == "cpu" and workers > 0:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
@@ -249,13 +234,17 @@ class EmbedStage(MapStage):
         loader = make_loader(dataset, self.workers, pin_memory=model.device.type == "cuda")
         parts = work[0].parts if work else 1
         states = {i: _ShardState(parts=parts) for i in range(len(units))}
-        with _cpu_threads_beside(self.workers, model.device):
+        with tuned_threads(self.workers, model.device) as tuner:
             for batch in loader:
                 image = text = None
                 if batch.pixels is not None and batch.tokens is not None:
+                    if tuner is not None:
+                        tuner.start_batch()
                     img_t, txt_t = model.encode(batch.pixels, batch.tokens)
                     image = img_t.numpy().astype(np.float16)
                     text = txt_t.numpy().astype(np.float16)
+                    if tuner is not None:
+                        tuner.end_batch(len(batch.rows))
                 state = states[batch.shard_index]
                 state.add(batch, image, text)
                 if self.on_samples is not None:

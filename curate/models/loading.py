@@ -22,11 +22,13 @@ import torch
 from curate.errors import ModelLoadError
 from curate.io.text_files import read_file_bytes
 from curate.models.size import check_model_size
+from curate.models.text_tower import cut_agrees, encode_text
 from curate.models.tokens import cap_tokenizer
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
+_TEXT_PROBE = ("a photo of a cat", "two dogs running on a beach at sunset, seen from above")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _registered_configs: set[Path] = set()
 
@@ -99,6 +101,7 @@ class LoadedModel:
     embed_dim: int
     logit_scale: float
     fingerprint: str
+    short_text: bool = False  # the text tower may run on the batch's shortest context
 
     @property
     def temperature(self) -> float:
@@ -128,10 +131,15 @@ class LoadedModel:
         pixels = pixels.to(self.device, dtype=dtype, non_blocking=True)
         tokens = tokens.to(self.device, non_blocking=True)
         img = self.model.encode_image(pixels).float()
-        txt = self.model.encode_text(tokens).float()
+        txt = self._encode_text(tokens).float()
         img = torch.nn.functional.normalize(img, dim=-1)
         txt = torch.nn.functional.normalize(txt, dim=-1)
         return img.cpu(), txt.cpu()
+
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.short_text:
+            return encode_text(self.model, tokens)
+        return self.model.encode_text(tokens)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
@@ -139,7 +147,7 @@ class LoadedModel:
         out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
-            emb = self.model.encode_text(tokens).float()
+            emb = self._encode_text(tokens).float()
             out[start : start + len(tokens)] = (
                 torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
             )
@@ -289,6 +297,9 @@ def load_model(
         else _probe_dim(net, dev),
         logit_scale=float(net.logit_scale.exp().item()),
         fingerprint=fingerprint,
+        short_text=cut_agrees(
+            net, tokenizer(list(_TEXT_PROBE)).to(dev), 1e-4 if prec == "fp32" else 1e-2
+        ),
     )
 
 
