@@ -18,9 +18,14 @@ Stages:
   repeated, one row in 200 failed), with `--where 'clipscore > 0.1' --top negclip:0.5:pool
   --top clipscore:0.5:remainder`: the whole stage, outputs included. With --bad, half the rows
   repeat a uid and `--intersect` takes a subset file as long as the table, half unknown.
-Other stages (balance, rebalance, the write plan) join here as their reduces become bounded.
+- balance: the sample phase of `curate balance` (matching excluded: it is a map) on match
+  files written directly (one per --per-shard rows, --entries entries, 0 to 3 matches a row
+  drawn from a power law, one uid in 1,000 repeated, one row in 200 failed), default tail
+  share and the systematic draw: every output file included.
+Other stages (rebalance, the write plan) join here as their reduces become bounded.
 
     python benchmarks/bench_scale.py --stage select --sizes 1000000 10000000
+    python benchmarks/bench_scale.py --stage balance --sizes 1000000 10000000
 """
 
 from __future__ import annotations
@@ -136,6 +141,93 @@ def make_score_table(
         np.save(path.with_name("SUBSET.npy"), np.sort(pairs, order=["f0", "f1"]))
 
 
+def _hex_uids(raw: np.ndarray):
+    """32-character hex uids (an Arrow string array) from (n, 16) random bytes."""
+    import pyarrow as pa
+
+    n = len(raw)
+    chars = np.empty((n, 32), dtype=np.uint8)
+    chars[:, 0::2], chars[:, 1::2] = _HEX[raw >> 4], _HEX[raw & 15]
+    offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * 32).tobytes())
+    return pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(chars.tobytes())])
+
+
+def make_match_files(
+    folder: Path, samples: int, per_shard: int, entries: int, seed: int = 0
+) -> list[Path]:
+    """Match files as the balance match phase writes them (uid, shard, key, caption, error,
+    entry_ids), one per `per_shard` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    previous = None
+    for start in range(0, samples, per_shard):
+        n = min(per_shard, samples - start)
+        raw = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
+        rows = np.arange(start, start + n)
+        if previous is not None:  # one uid in 1,000 repeats one of the previous file
+            repeat = np.flatnonzero(rows % 1000 == 999)
+            raw[repeat] = previous[repeat % len(previous)]
+        previous = raw
+        k = rng.choice(4, size=n, p=[0.2, 0.4, 0.25, 0.15])
+        base = (entries * rng.random(n) ** 3).astype(np.int64)  # a heavy head
+        step = rng.integers(1, max(entries // 3, 2), size=n)
+        ids = np.stack([(base + j * step) % entries for j in range(3)], axis=1)
+        keep = np.arange(3)[None, :] < k[:, None]
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(k, out=offsets[1:])
+        entry_ids = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(ids[keep].astype(np.int32))
+        )
+        failed = rows % 200 == 7
+        stem = f"{start // per_shard:05d}"
+        table = pa.table({
+            "uid": _hex_uids(raw),
+            "shard": pa.array([stem] * n, pa.string()),
+            "key": pa.array(np.char.add(stem, np.arange(n).astype("U5"))),
+            "caption": pa.array(["a synthetic caption"] * n, pa.string()),
+            "error": pa.array(np.where(failed, "empty_caption: synthetic", None), pa.string()),
+            "entry_ids": entry_ids,
+        })  # fmt: skip
+        path = folder / f"{stem}.parquet"
+        pq.write_table(table, path, compression="zstd")
+        paths.append(path)
+    return paths
+
+
+def measure_balance(folder: Path, entries: int) -> dict[str, float]:
+    """In this (fresh) process: the balance sample phase over the match files, measured whole."""
+    import gc
+
+    from curate.balancing.matching import MatchMode, Normalization
+    from curate.balancing.metadata import Metadata
+    from curate.balancing.stage import BalanceSpec, reduce_matches
+
+    files = sorted(folder.glob("*.parquet"))
+    names = [f"entry{i}" for i in range(entries)]
+    metadata = Metadata(entries=names, path=str(folder / "synthetic"), sha256="0" * 64)
+    gc.collect()
+    base_anon, base_file = Sampler.read()
+    start = time.perf_counter()
+    with Sampler() as sampler:
+        report = reduce_matches(
+            files, metadata, folder.parent / "balanced", BalanceSpec(), mode=MatchMode.metaclip,
+            normalize=Normalization.none, source=str(folder), units=len(files), shard_errors={},
+        )  # fmt: skip
+    return {
+        "rows": report.rows,
+        "kept": report.kept,
+        "failed": report.failed,
+        "t": report.t,
+        "seconds": time.perf_counter() - start,
+        "anon_peak_bytes": sampler.anon - base_anon,
+        "file_peak_bytes": sampler.file - base_file,
+    }
+
+
 def measure_select(table: Path) -> dict[str, float]:
     """In this (fresh) process: `select_pool` over the table, measured whole (with
     --intersect SUBSET.npy when the table was made `bad`)."""
@@ -228,7 +320,8 @@ def measure_score(folder: Path, batch: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=["score", "select"], default="score")
+    parser.add_argument("--stage", choices=["score", "select", "balance"], default="score")
+    parser.add_argument("--entries", type=int, default=50_000, help="balance: metadata entries")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=64)
@@ -242,6 +335,8 @@ def main() -> None:
     if args.measure:
         if args.stage == "select":
             print(json.dumps(measure_select(Path(args.measure))))
+        elif args.stage == "balance":
+            print(json.dumps(measure_balance(Path(args.measure), args.entries)))
         else:
             print(json.dumps(measure_score(Path(args.measure), args.negclip_batch)))
         return
@@ -253,12 +348,15 @@ def main() -> None:
             if args.stage == "select":
                 folder = Path(tmp) / "scores.parquet"
                 make_score_table(folder, size, args.per_shard, bad=args.bad)
+            elif args.stage == "balance":
+                folder = Path(tmp) / "matches"
+                make_match_files(folder, size, args.per_shard, args.entries)
             else:
                 make_run(folder, size, args.per_shard, args.dim)
             made = time.perf_counter() - started
             done = subprocess.run(
                 [sys.executable, __file__, "--measure", str(folder), "--stage", args.stage,
-                 "--negclip-batch", str(args.negclip_batch)],
+                 "--negclip-batch", str(args.negclip_batch), "--entries", str(args.entries)],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             result = json.loads(done.stdout.strip().splitlines()[-1])

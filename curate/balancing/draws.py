@@ -28,10 +28,18 @@ from enum import Enum
 import numpy as np
 import pyarrow as pa
 
-from curate.balancing.sampling import _splitmix64, uniform_draws
-from curate.io.uid_files import DATACOMP_DTYPE, uid_pairs
+from curate.balancing.sampling import _splitmix64, draw_bits, uniform_draws
+from curate.io.uid_files import DATACOMP_DTYPE, repeated_groups, uid_pairs
 
-__all__ = ["DrawRule", "class_keys", "draw_subset", "systematic_keep"]
+__all__ = [
+    "DrawRule",
+    "class_keys",
+    "class_offsets",
+    "class_ranks",
+    "draw_subset",
+    "systematic_from_ranks",
+    "systematic_keep",
+]
 
 _U64 = np.uint64
 _ONE = 1 << 32  # fixed-point unit of the cumulative weights
@@ -111,15 +119,58 @@ def systematic_keep(
     before = after - step
     within_after = after - before[start][class_of]
     within_before = within_after - step
-    offset_seed = (seed ^ _CLASS_SALT) & 0xFFFFFFFFFFFFFFFF
     o0, o1 = offset_keys[0][order][start], offset_keys[1][order][start]
-    lane = _splitmix64(o0 ^ _splitmix64(np.array([offset_seed], dtype=np.uint64))[0])
-    offset = (_splitmix64(lane ^ o1) >> _U64(32))[class_of]  # U in 32.32 fixed point
+    offset = class_offsets(o0, o1, seed)[class_of]
     unit = _U64(32)
     kept_sorted = ((within_after + offset) >> unit) > ((within_before + offset) >> unit)
     kept = np.empty(n, dtype=bool)
     kept[order] = kept_sorted
     return kept
+
+
+def class_offsets(o0: np.ndarray, o1: np.ndarray, seed: int) -> np.ndarray:
+    """The offset U of each class (its two offset-key halves) in 32.32 fixed point (uint64)."""
+    offset_seed = (seed ^ _CLASS_SALT) & 0xFFFFFFFFFFFFFFFF
+    lane = _splitmix64(o0 ^ _splitmix64(np.array([offset_seed], dtype=np.uint64))[0])
+    return _splitmix64(lane ^ o1) >> _U64(32)
+
+
+def class_ranks(
+    class_key: np.ndarray, eligible: np.ndarray, hi: np.ndarray, lo: np.ndarray, seed: int
+) -> np.ndarray:
+    """Each eligible row's rank (uint32) among the eligible rows of its class, in the
+    systematic rule's order: by draw (`draw_bits` of the uid), then uid. Rows of a class are
+    those with equal `class_key` (the first half of `class_keys`; two classes sharing it, with
+    probability about classes² / 2^65, are ranked as one). 0 for rows alone in their class
+    and for rows not eligible. Only rows whose key repeats are ordered, a piece of keys at a
+    time (`repeated_groups`): memory is 4 bytes a row plus the largest piece."""
+    ranks = np.zeros(class_key.size, dtype=np.uint32)
+    for members in repeated_groups(class_key, eligible):
+        h, low, key = hi[members], lo[members], class_key[members]
+        order = np.lexsort((low, h, draw_bits(h, low, seed), key))
+        del h, low
+        key = key[order]
+        start = np.ones(order.size, dtype=bool)
+        start[1:] = key[1:] != key[:-1]
+        position = np.arange(order.size)
+        first = np.maximum.accumulate(np.where(start, position, 0))
+        ranks[members[order]] = (position - first).astype(np.uint32)
+    return ranks
+
+
+def systematic_from_ranks(
+    weights: np.ndarray, ranks: np.ndarray, offset_keys: tuple[np.ndarray, np.ndarray], seed: int
+) -> np.ndarray:
+    """`systematic_keep` for classes whose rows share one weight, given each row's rank in its
+    class (`class_ranks`): the row of rank r is kept when an integer lies in
+    [r·q + U, (r+1)·q + U) (32.32 fixed point), U its class's offset (`class_offsets` of its
+    `offset_keys`). Row by row, so the decisions can be made a unit at a time."""
+    fixed = np.rint(np.clip(np.asarray(weights, dtype=np.float64), 0.0, 1.0) * _ONE)
+    step = fixed.astype(np.uint64)
+    rank = np.asarray(ranks).astype(np.uint64)
+    offset = class_offsets(offset_keys[0], offset_keys[1], seed)
+    unit = _U64(32)
+    return (((rank + _U64(1)) * step + offset) >> unit) > ((rank * step + offset) >> unit)
 
 
 def draw_subset(

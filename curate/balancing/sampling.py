@@ -26,6 +26,7 @@ __all__ = [
     "TailRule",
     "ThresholdChoice",
     "count_entries",
+    "draw_bits",
     "entry_probabilities",
     "expected_kept",
     "keep_probabilities",
@@ -194,14 +195,20 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _U64(31))
 
 
-def uniform_draws(pairs: np.ndarray, seed: int) -> np.ndarray:
-    """One uniform number in [0, 1) per uid, a pure function of (seed, uid).
+def draw_bits(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
+    """The 53-bit integers (uint64) behind `uniform_draws`, from the uids' two halves: the
+    128-bit uid and the 64-bit seed go through SplitMix64 rounds and the top 53 bits remain.
+    They order rows exactly as the uniform numbers do."""
+    seed_word = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    h = _splitmix64(np.asarray(hi, dtype=np.uint64) ^ seed_word)
+    h = _splitmix64(h ^ np.asarray(lo, dtype=np.uint64))
+    return h >> _U64(11)
 
-    `pairs` is the DataComp (f0, f1) form of the uids (`io.uid_files.uid_pairs`). The
-    128-bit uid and the 64-bit seed go through SplitMix64 rounds; the top 53 bits give the number.
+
+def uniform_draws(pairs: np.ndarray, seed: int) -> np.ndarray:
+    """One uniform number in [0, 1) per uid, a pure function of (seed, uid) (`draw_bits`).
+
+    `pairs` is the DataComp (f0, f1) form of the uids (`io.uid_files.uid_pairs`).
     """
     first, second = pairs.dtype.names or ("", "")
-    seed_word = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
-    h = _splitmix64(pairs[first].astype(np.uint64) ^ seed_word)
-    h = _splitmix64(h ^ pairs[second].astype(np.uint64))
-    return (h >> _U64(11)).astype(np.float64) * _MASK_53
+    return draw_bits(pairs[first], pairs[second], seed).astype(np.float64) * _MASK_53

@@ -27,7 +27,6 @@ import math
 import os
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -38,26 +37,25 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from curate.balancing.draws import DrawRule, draw_subset
+from curate.balancing.draws import DrawRule
 from curate.balancing.matching import Matcher, MatchMode, Normalization
 from curate.balancing.metadata import Metadata, load_metadata
+from curate.balancing.reduce import Tally, decide_unit, rank_classes, scan_pool
 from curate.balancing.sampling import (
     DEFAULT_TAIL_SHARE,
     TailRule,
     ThresholdChoice,
-    count_entries,
     entry_probabilities,
-    keep_probabilities,
     tail_share,
     threshold_for_size,
     threshold_from_tail_share,
 )
-from curate.errors import InputError, RunFolderError, ShardOpenError, failure_code
+from curate.errors import InputError, RunFolderError, ShardOpenError
 from curate.io.captions import CaptionUnit, read_unit, resolve_units
 from curate.io.shards import check_out_apart
-from curate.io.uid_files import write_datacomp_npy
+from curate.io.uid_files import write_datacomp_pairs
 from curate.runtime import records
-from curate.runtime.atomic import write_atomic, write_json_atomic
+from curate.runtime.atomic import parquet_streams, write_atomic, write_json_atomic
 from curate.runtime.executors import TaskSlice
 from curate.runtime.stage import MapReport, MapStage, Unit, UnitFailure, run_map
 
@@ -280,26 +278,25 @@ def match_units(
     return run_map(stage, out, executor=executor, tasks=tasks, on_unit=on_unit)
 
 
-def read_matches(
+def match_files(
     units: Sequence[CaptionUnit],
     metadata: Metadata,
     out: Path,
     mode: MatchMode,
-    columns: Sequence[str] = ("uid", "shard", "key", "error", "entry_ids"),
     *,
     normalize: Normalization | str = Normalization.none,
-) -> tuple[pl.DataFrame, dict[str, str]]:
-    """Every done unit's match rows in unit order, and the units that failed (url -> error);
+) -> tuple[list[Path], dict[str, str]]:
+    """Every done unit's match file in unit order, and the units that failed (url -> error);
     refuses when a unit has not been matched (or was matched with other settings)."""
     stage = MatchStage(list(units), metadata, MatchMode(mode), Normalization(normalize), out)
     folder = records.stage_folder(out, stage.name)
-    frames = []
+    paths: list[Path] = []
     missing: list[str] = []
     errors: dict[str, str] = {}
     for unit in stage.plan():
         wanted = records.signature_hash(stage.signature(unit))
         if records.is_done(folder, unit, wanted) and stage.output_present(unit):
-            frames.append(pl.read_parquet(stage.path(unit), columns=list(columns)))
+            paths.append(stage.path(unit))
             continue
         failed = records.read_failed(folder, unit)
         if failed is not None and failed.get("signature") == wanted:
@@ -311,6 +308,21 @@ def read_matches(
             f"{len(missing)} of {len(units)} units have no current match file in "
             f"{out / MATCHES_DIR} (first: {missing[0]}); run the match phase for them first"
         )
+    return paths, errors
+
+
+def read_matches(
+    units: Sequence[CaptionUnit],
+    metadata: Metadata,
+    out: Path,
+    mode: MatchMode,
+    columns: Sequence[str] = ("uid", "shard", "key", "error", "entry_ids"),
+    *,
+    normalize: Normalization | str = Normalization.none,
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """`match_files`' rows as one frame (`columns`), and the units that failed."""
+    paths, errors = match_files(units, metadata, out, mode, normalize=normalize)
+    frames = [pl.read_parquet(path, columns=list(columns)) for path in paths]
     return (pl.concat(frames, how="vertical") if frames else pl.DataFrame()), errors
 
 
@@ -372,53 +384,55 @@ def sample_pool(
     spec.validate()
     check_out_apart(out, [u.url for u in units])
     normalize = Normalization(normalize)
-    frame, shard_errors = read_matches(units, metadata, out, mode, normalize=normalize)
-    n = frame.height
+    files, shard_errors = match_files(units, metadata, out, mode, normalize=normalize)
+    report = reduce_matches(
+        files, metadata, out, spec, mode=mode, normalize=normalize, source=source,
+        units=len(units), shard_errors=shard_errors,
+    )  # fmt: skip
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def reduce_matches(
+    files: Sequence[Path],
+    metadata: Metadata,
+    out: Path,
+    spec: BalanceSpec,
+    *,
+    mode: MatchMode,
+    normalize: Normalization,
+    source: str,
+    units: int,
+    shard_errors: dict[str, str],
+) -> BalanceReport:
+    """The sample phase on match files (`match_files`), in bounded memory (`balancing.reduce`):
+    writes every output file and returns the report."""
+    files = list(files)
+    systematic = DrawRule(spec.draw) is DrawRule.systematic
+    scan = scan_pool(
+        files, metadata.size, class_key=systematic, keep_matches=spec.target_size is not None
+    )
+    n = scan.rows
     if n == 0:
         raise_empty(source, shard_errors)
-
-    uid, errors = pool_errors(frame)
-    ok = errors.is_null().to_numpy()
-    offsets, entry_ids = matches_csr(frame["entry_ids"], ok)
-    lengths = np.diff(offsets)
-    counts = count_entries(entry_ids, metadata.size)
-
-    choice = _choose_threshold(spec, offsets, entry_ids, counts)
+    counts = scan.counts
+    choice = _choose_threshold(spec, scan.csr, counts)
     t = choice.t
-    probability = keep_probabilities(offsets, entry_ids, counts, t)
-    matched = ok & (lengths > 0)
-    kept = draw_subset(
-        probability, uid.to_arrow(), matched, spec.seed, spec.draw, offsets, entry_ids
-    )
+    ranks = rank_classes(scan, spec.seed) if systematic else None
+    scan.release()
+    ok = scan.ok()
+    failed, matched = int((~ok).sum()), int(scan.matched().sum())
+    del ok
 
-    rows_of = np.repeat(np.arange(n), lengths)
-    after = count_entries(entry_ids[kept[rows_of]], metadata.size)
-    expected_after = np.bincount(entry_ids, weights=probability[rows_of], minlength=metadata.size)
-
-    status = np.where(kept, "kept", np.where(ok, "dropped", "failed"))
-    reason = pl.Series(
-        np.where(
-            ok & ~matched, "no_match", np.where(matched & ~kept, "not_sampled", None)
-        ).tolist(),
-        dtype=pl.String,
-    )
-    decisions = pl.DataFrame(
-        {
-            "uid": uid,
-            "shard": frame["shard"],
-            "key": frame["key"],
-            "status": status.tolist(),
-            "reason": pl.Series(
-                [e if e is not None else r for e, r in zip(errors, reason, strict=True)],
-                dtype=pl.String,
-            ),
-            "matches": lengths.astype(np.int32),
-            "keep_prob": np.where(ok, probability, np.nan),
-        }
-    )
-    subset = decisions.filter(pl.col("status") == "kept").select(
-        "uid", "shard", "key", "matches", "keep_prob"
-    )
+    out.mkdir(parents=True, exist_ok=True)
+    tally = Tally(metadata.size)
+    with parquet_streams(out / DECISIONS_TABLE, out / SUBSET_TABLE) as (decisions, subset):
+        for index in range(len(files)):
+            chunk = decide_unit(scan, index, t, spec.seed, DrawRule(spec.draw), ranks, tally)
+            decisions.write(chunk[0])
+            subset.write(chunk[1])
+    del ranks
+    after = tally.after
     entry_table = pl.DataFrame(
         {
             "entry_id": np.arange(metadata.size, dtype=np.int32),
@@ -426,11 +440,10 @@ def sample_pool(
             "count": counts,
             "count_after": after,
             "probability": entry_probabilities(counts, t),
-            "expected_after": expected_after,
+            "expected_after": tally.expected_after,
         }
     )
 
-    failures = Counter(failure_code(e) for e in errors.drop_nulls().to_list())
     report = BalanceReport(
         source=source,
         out=str(out),
@@ -441,13 +454,13 @@ def sample_pool(
         normalize=normalize.value,
         seed=spec.seed,
         draw=spec.draw.value,
-        units=len(units),
+        units=units,
         rows=n,
-        failed=int((~ok).sum()),
-        failures=dict(sorted(failures.items())),
-        matched=int(matched.sum()),
-        kept=int(kept.sum()),
-        expected_kept=float(probability[ok].sum()),
+        failed=failed,
+        failures=dict(sorted(tally.failures.items())),
+        matched=matched,
+        kept=tally.kept,
+        expected_kept=tally.expected_kept,
         t=t,
         t_rule=choice.rule,
         tail_share_target=spec.tail_share if choice.rule.startswith("tail_share") else None,
@@ -464,12 +477,8 @@ def sample_pool(
         buckets=_buckets(counts, after),
         shard_errors=shard_errors,
     )
-    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / ENTRY_COUNTS_TABLE, lambda tmp: entry_table.write_parquet(tmp))
-    write_atomic(out / DECISIONS_TABLE, lambda tmp: decisions.write_parquet(tmp))
-    write_atomic(out / SUBSET_TABLE, lambda tmp: subset.write_parquet(tmp))
-    write_datacomp_npy(out / SUBSET_NPY, subset["uid"].to_arrow())
-    report.seconds = time.perf_counter() - start
+    write_datacomp_pairs(out / SUBSET_NPY, *tally.kept_pairs())
     record = {
         "spec": asdict(spec),
         "report": {k: v for k, v in report.to_json().items() if k != "seconds"},
@@ -479,12 +488,13 @@ def sample_pool(
 
 
 def _choose_threshold(
-    spec: BalanceSpec, offsets: np.ndarray, entry_ids: np.ndarray, counts: np.ndarray
+    spec: BalanceSpec, matches: tuple[np.ndarray, np.ndarray] | None, counts: np.ndarray
 ) -> ThresholdChoice:
     if spec.t is not None:
         return ThresholdChoice(t=float(spec.t), rule="given", tail_share=tail_share(counts, spec.t))
     if spec.target_size is not None:
-        return threshold_for_size(offsets, entry_ids, counts, spec.target_size)
+        assert matches is not None  # the scan kept them for this
+        return threshold_for_size(*matches, counts, spec.target_size)
     return threshold_from_tail_share(counts, spec.tail_share, spec.tail_rule)
 
 

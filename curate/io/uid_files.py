@@ -15,6 +15,7 @@ a no-op (set algebra) or upweighting (``curate write --duplicates repeat``).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "pairs_to_uids",
     "read_uid_file",
     "read_uid_pairs",
+    "repeated_groups",
     "repeats",
     "uid_pairs",
     "uids_to_pairs",
@@ -89,6 +91,8 @@ for _i, _c in enumerate(b"ABCDEF"):
 
 
 _SEARCH_ROWS = 1 << 20  # rows per binary-search chunk: its temporaries stay a few MB
+_KEY_PARTS = 8  # `repeated_groups` sorts one eighth of the keys at a time (a power of two)
+_PIECE_ROWS = 1 << 22  # member rows `repeated_groups` yields at once (one group may be more)
 
 
 def uid_pairs(uids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,23 +127,46 @@ def uid_pairs(uids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray,
     return hi, lo, valid
 
 
+def repeated_groups(keys: np.ndarray, candidates: np.ndarray) -> Iterator[np.ndarray]:
+    """The candidate rows whose 64-bit key another candidate row shares, as ascending row
+    indices, a piece of about `_PIECE_ROWS` rows at a time (a group of equal keys is never
+    split). The keys are taken `_KEY_PARTS` ranges of their top bits at a time, so the sorted
+    copy that finds the repeated values holds a fraction of the candidates; a piece's members
+    are found by binary search a chunk of rows at a time."""
+    shift = np.uint64(64 - _KEY_PARTS.bit_length() + 1)
+    for part in range(_KEY_PARTS):
+        in_part = np.zeros(keys.size, dtype=bool)
+        for start in range(0, keys.size, _SEARCH_ROWS):
+            rows = slice(start, start + _SEARCH_ROWS)
+            in_part[rows] = candidates[rows] & ((keys[rows] >> shift) == part)
+        values = keys[in_part]
+        del in_part
+        values.sort()
+        distinct, sizes = np.unique(values, return_counts=True)
+        del values
+        repeated, sizes = distinct[sizes > 1], sizes[sizes > 1]
+        del distinct
+        # Pieces of about _PIECE_ROWS member rows (a larger group is a piece of its own).
+        targets = np.arange(1, int(sizes.sum()) // _PIECE_ROWS + 2) * _PIECE_ROWS
+        ends = np.searchsorted(np.cumsum(sizes), targets, side="right")
+        bounds = np.unique(np.concatenate([[0], np.minimum(ends, repeated.size)]))
+        for low, high in itertools.pairwise(bounds.tolist()):
+            wanted = repeated[low:high]
+            in_group = np.zeros(keys.size, dtype=bool)
+            for start in range(0, keys.size, _SEARCH_ROWS):
+                rows = slice(start, start + _SEARCH_ROWS)
+                at = np.minimum(np.searchsorted(wanted, keys[rows]), wanted.size - 1)
+                in_group[rows] = candidates[rows] & (wanted[at] == keys[rows])
+            members = np.flatnonzero(in_group)
+            del in_group
+            yield members
+
+
 def _repeat_pieces(
     hi: np.ndarray, lo: np.ndarray, candidates: np.ndarray
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`repeats`' pairs, a slice of the repeated hi values at a time (not in row order)."""
-    values = hi[candidates]
-    values.sort()
-    repeated = np.unique(values[1:][values[1:] == values[:-1]])
-    del values
-    for piece in range(0, repeated.size, _SEARCH_ROWS):
-        wanted = repeated[piece : piece + _SEARCH_ROWS]
-        in_group = np.zeros(hi.size, dtype=bool)
-        for start in range(0, hi.size, _SEARCH_ROWS):
-            part = slice(start, start + _SEARCH_ROWS)
-            at = np.minimum(np.searchsorted(wanted, hi[part]), wanted.size - 1)
-            in_group[part] = candidates[part] & (wanted[at] == hi[part])
-        members = np.flatnonzero(in_group)
-        del in_group
+    """`repeats`' pairs, a piece of the repeated hi values at a time (not in row order)."""
+    for members in repeated_groups(hi, candidates):
         by_uid = members[np.lexsort((members, lo[members], hi[members]))]
         del members
         new = np.ones(by_uid.size, dtype=bool)
@@ -152,10 +179,9 @@ def repeats(
     hi: np.ndarray, lo: np.ndarray, candidates: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rows, firsts): the candidate rows whose uid (hi, lo) an earlier candidate row has, in
-    row order, and that first row for each. Sorts a copy of the candidates' hi (8 bytes a row),
-    finds the hi values seen twice (real repeats, or a 64-bit collision), and orders only the
-    rows holding those by (uid, row), a slice of those hi values at a time (so a table of
-    mostly repeated rows needs no more)."""
+    row order, and that first row for each. Finds the hi values seen twice (real repeats, or a
+    64-bit collision: `repeated_groups`) and orders only the rows holding those by (uid, row),
+    a piece of those hi values at a time (so a table of mostly repeated rows needs no more)."""
     pieces = list(_repeat_pieces(hi, lo, candidates))
     rows = np.concatenate([np.zeros(0, np.int64), *(r for r, _ in pieces)])
     firsts = np.concatenate([np.zeros(0, np.int64), *(f for _, f in pieces)])

@@ -7,9 +7,12 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 @contextmanager
@@ -30,6 +33,38 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class ParquetStream:
+    """Tables appended as row groups to one parquet file (the first table fixes the schema)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+@contextmanager
+def parquet_streams(*finals: Path) -> Iterator[tuple[ParquetStream, ...]]:
+    """One `ParquetStream` per final path, each written to a temporary file that gets its final
+    name only if the block succeeds (`atomic_path`); every stream must be written at least once
+    (an empty table gives an empty file with its schema)."""
+    with ExitStack() as paths:
+        streams = tuple(ParquetStream(paths.enter_context(atomic_path(f))) for f in finals)
+        try:
+            yield streams
+        finally:  # closed before the renames, or on error before the temporaries go
+            for stream in streams:
+                stream.close()
 
 
 def write_atomic(final: Path, writer: Callable[[Path], None]) -> None:

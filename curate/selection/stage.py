@@ -17,7 +17,6 @@ and `subset.npy` (DataComp format, sorted).
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import itertools
 import time
@@ -42,7 +41,7 @@ from curate.io.uid_files import (
     uid_pairs,
     write_datacomp_pairs,
 )
-from curate.runtime.atomic import atomic_path, write_json_atomic
+from curate.runtime.atomic import parquet_streams, write_json_atomic
 from curate.runtime.records import logged_stage
 from curate.selection.rules import (
     DERIVED,
@@ -476,24 +475,16 @@ def _write_outputs(state: _Selection, out: Path) -> None:
     labels = pl.Series([None, None, None, DUPLICATE_REASON, *state.labels], dtype=pl.String)
     kept_labels = pl.Series([None, *state.kept_labels], dtype=pl.String)
     out.mkdir(parents=True, exist_ok=True)
-    with (
-        atomic_path(out / DECISIONS_TABLE) as decisions_tmp,
-        atomic_path(out / SUBSET_TABLE) as subset_tmp,
-        contextlib.ExitStack() as writers,  # closed before the files are renamed, or on error
-    ):
-        decisions_out = subset_out = None
+    with parquet_streams(out / DECISIONS_TABLE, out / SUBSET_TABLE) as (decisions_out, subset_out):
         empty = (slice(0, 0), pl.DataFrame(schema=table.schema))
+        written = False
         for rows, chunk in itertools.chain(table.row_chunks(), [empty]):
-            if chunk is empty[1] and decisions_out is not None:
+            if chunk is empty[1] and written:
                 break
             decisions, subset = _chunk_outputs(state, chunk, rows, labels, kept_labels)
-            if decisions_out is None or subset_out is None:
-                decisions_out = writers.enter_context(
-                    pq.ParquetWriter(decisions_tmp, decisions.schema)
-                )
-                subset_out = writers.enter_context(pq.ParquetWriter(subset_tmp, subset.schema))
-            decisions_out.write_table(decisions)
-            subset_out.write_table(subset)
+            decisions_out.write(decisions)
+            subset_out.write(subset)
+            written = True
     write_datacomp_pairs(out / SUBSET_NPY, state.hi[state.keep], state.lo[state.keep])
 
 
