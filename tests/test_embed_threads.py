@@ -96,3 +96,21 @@ def test_tuned_threads_only_on_cpu_with_workers_and_restores_the_count() -> None
             assert tuner is not None and tuner.candidates == (cores, cores - 1)
         torch.set_num_threads(1)
     assert torch.get_num_threads() == before
+
+
+def test_warmup_batches_are_not_timed() -> None:
+    # The first two batches arrive after a long start (workers spawning): were they timed, the
+    # model would look idle-bound and the frugal count would win.
+    fake = FakeRun(wait={2: 0.0, 1: 0.0}, forward={2: 0.1, 1: 0.2})
+    tuner = ThreadTuner(
+        (2, 1), set_threads=fake.applied.append, min_window=3.0, hold_factor=2.0,
+        clock=lambda: fake.now, warmup=2,
+    )  # fmt: skip
+    for _ in range(2):
+        fake.now += 100.0  # a slow start
+        assert tuner.start_batch() == 2
+        fake.now += 1.0
+        tuner.end_batch(10)
+    used = fake.run(tuner, 5)  # 3 timed seconds close the window; the hold follows
+    assert set(used) == {2} and tuner.chosen == 2
+    assert tuner.measured == pytest.approx({2: 0.1})

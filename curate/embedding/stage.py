@@ -26,6 +26,7 @@ import torch
 
 from curate.embedding.loader import (
     DEFAULT_MAX_PIXELS,
+    PREFETCH_FACTOR,
     DecodeDataset,
     DecodedBatch,
     SampleRow,
@@ -234,7 +235,8 @@ class EmbedStage(MapStage):
         loader = make_loader(dataset, self.workers, pin_memory=model.device.type == "cuda")
         parts = work[0].parts if work else 1
         states = {i: _ShardState(parts=parts) for i in range(len(units))}
-        with tuned_threads(self.workers, model.device) as tuner:
+        ready = self.workers * PREFETCH_FACTOR
+        with tuned_threads(self.workers, model.device, self.workers, ready) as tuner:
             for batch in loader:
                 image = text = None
                 if batch.pixels is not None and batch.tokens is not None:
