@@ -99,17 +99,11 @@ def make_score_table(
     for start in range(0, samples, per_shard):
         n = min(per_shard, samples - start)
         raw = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
-        chars = np.empty((n, 32), dtype=np.uint8)
-        chars[:, 0::2], chars[:, 1::2] = _HEX[raw >> 4], _HEX[raw & 15]
-        offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * 32).tobytes())
-        uid = pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(chars.tobytes())])
+        uid = _hex_uids(raw)
         rows = np.arange(start, start + n)
         if bad:
             raw[1::2] = raw[0::2][: n // 2]  # each odd row repeats the even row before it
-            chars[:, 0::2], chars[:, 1::2] = _HEX[raw >> 4], _HEX[raw & 15]
-            uid = pa.Array.from_buffers(
-                pa.string(), n, [None, offsets, pa.py_buffer(chars.tobytes())]
-            )
+            uid = _hex_uids(raw)
             subset.append(raw[0::2])  # the table's distinct uids
             subset.append(rng.integers(0, 256, size=(n // 2, 16), dtype=np.uint8))  # unknown
         elif previous is not None:  # one uid in 1,000 repeats one of the previous row group

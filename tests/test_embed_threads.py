@@ -1,5 +1,5 @@
-"""The CPU thread tuner of embedding: it keeps every core when the model hardly waits, and
-otherwise measures each candidate and holds the faster."""
+"""The model's CPU thread count beside decoding workers: every core for a model-bound model,
+the cores the workers leave for a small one, and never a function of timing."""
 
 from __future__ import annotations
 
@@ -8,109 +8,31 @@ import os
 import pytest
 import torch
 
-from curate.embedding.threads import ThreadTuner, tuned_threads
+from curate.embedding.threads import GREEDY_PARAMETERS, model_threads, threads_beside
 
 
-class FakeRun:
-    """A fake clock: each batch waits `wait[threads]` and computes `forward[threads]` seconds
-    per sample under each thread count."""
-
-    def __init__(self, wait: dict[int, float], forward: dict[int, float]) -> None:
-        self.wait, self.forward = wait, forward
-        self.now = 0.0
-        self.applied: list[int] = []  # every set_threads call
-
-    def run(self, tuner: ThreadTuner, batches: int, samples: int = 10) -> list[int]:
-        used = []
-        for _ in range(batches):
-            waiting = self.applied[-1] if self.applied else 2  # the count in force meanwhile
-            self.now += self.wait[waiting] * samples
-            n = tuner.start_batch()
-            used.append(n)
-            self.now += self.forward[n] * samples
-            tuner.end_batch(samples)
-        return used
+@pytest.mark.parametrize(
+    ("workers", "parameters", "cores", "expected"),
+    [
+        (2, 151_000_000, 2, 2),  # ViT-B-32: model-bound, every core
+        (2, 1_000_000, 2, 1),  # tiny: the workers' cores stay theirs, at least one thread
+        (3, 1_000_000, 8, 5),
+        (8, 1_000_000, 4, 1),
+        (0, 1_000_000, 4, 4),  # decoding in this process: nothing to leave
+        (2, GREEDY_PARAMETERS, 4, 4),
+        (2, GREEDY_PARAMETERS - 1, 4, 2),
+    ],
+)
+def test_thread_rule(workers: int, parameters: int, cores: int, expected: int) -> None:
+    assert model_threads(workers, parameters, cores) == expected
 
 
-def tuner_for(fake: FakeRun, candidates: tuple[int, ...] = (2, 1)) -> ThreadTuner:
-    return ThreadTuner(
-        candidates,
-        set_threads=fake.applied.append,
-        min_window=3.0,
-        hold_factor=2.0,
-        clock=lambda: fake.now,
-    )
-
-
-def test_keeps_every_core_when_the_model_does_not_wait() -> None:
-    fake = FakeRun(wait={2: 0.0, 1: 0.0}, forward={2: 0.1, 1: 0.2})  # 1 s per batch on 2
-    tuner = tuner_for(fake)
-    used = fake.run(tuner, 30)
-    assert set(used) == {2}  # never measured the frugal count
-    assert fake.applied == [2]
-    assert tuner.chosen == 2 and tuner.measured == pytest.approx({2: 0.1})
-
-
-def test_measures_the_frugal_count_when_decoding_is_the_bottleneck() -> None:
-    # With 2 threads the model steals the decoder's core: batches wait 0.3 s per sample.
-    fake = FakeRun(wait={2: 0.3, 1: 0.1}, forward={2: 0.01, 1: 0.02})
-    tuner = tuner_for(fake)
-    used = fake.run(tuner, 12)
-    assert used[:2] == [2, 2] and used[2:] == [1] * 10
-    assert tuner.chosen == 1
-    # Each window times whole batches under its own count: the first after a switch settles.
-    assert tuner.measured == pytest.approx({2: 0.31, 1: 0.12})
-
-
-def test_measures_again_after_the_hold_and_follows_a_change() -> None:
-    fake = FakeRun(wait={2: 0.3, 1: 0.1}, forward={2: 0.01, 1: 0.02})
-    tuner = tuner_for(fake)
-    fake.run(tuner, 12)
-    assert tuner.chosen == 1
-    fake.wait, fake.forward = {2: 0.0, 1: 0.0}, {2: 0.1, 1: 0.3}  # now the model is the bottleneck
-    used = fake.run(tuner, 40)
-    assert tuner.chosen == 2 and used[-1] == 2
-    assert fake.applied[:3] == [2, 1, 2]  # set only on a change
-
-
-def test_one_candidate_never_switches() -> None:
-    fake = FakeRun(wait={2: 0.5}, forward={2: 0.5})
-    tuner = tuner_for(fake, (2, 2))
-    assert fake.run(tuner, 20) == [2] * 20
-    assert fake.applied == [2]
-    with pytest.raises(ValueError, match="at least one"):
-        ThreadTuner(())
-
-
-def test_tuned_threads_only_on_cpu_with_workers_and_restores_the_count() -> None:
+def test_threads_beside_sets_and_restores_the_count() -> None:
     before = torch.get_num_threads()
-    with tuned_threads(0, torch.device("cpu")) as none:
-        assert none is None
-    with tuned_threads(1, torch.device("cuda")) as none:
-        assert none is None
+    small = torch.nn.Linear(4, 4)
     cores = os.cpu_count() or 1
-    with tuned_threads(1, torch.device("cpu")) as tuner:
-        if cores == 1:  # nothing to choose: the frugal and the greedy count are both 1
-            assert tuner is None
-        else:
-            assert tuner is not None and tuner.candidates == (cores, cores - 1)
-        torch.set_num_threads(1)
+    with threads_beside(1, small, torch.device("cpu")) as threads:
+        assert threads == torch.get_num_threads() == max(1, cores - 1)
     assert torch.get_num_threads() == before
-
-
-def test_warmup_batches_are_not_timed() -> None:
-    # The first two batches arrive after a long start (workers spawning): were they timed, the
-    # model would look idle-bound and the frugal count would win.
-    fake = FakeRun(wait={2: 0.0, 1: 0.0}, forward={2: 0.1, 1: 0.2})
-    tuner = ThreadTuner(
-        (2, 1), set_threads=fake.applied.append, min_window=3.0, hold_factor=2.0,
-        clock=lambda: fake.now, warmup=2,
-    )  # fmt: skip
-    for _ in range(2):
-        fake.now += 100.0  # a slow start
-        assert tuner.start_batch() == 2
-        fake.now += 1.0
-        tuner.end_batch(10)
-    used = fake.run(tuner, 5)  # 3 timed seconds close the window; the hold follows
-    assert set(used) == {2} and tuner.chosen == 2
-    assert tuner.measured == pytest.approx({2: 0.1})
+    with threads_beside(1, small, torch.device("cuda")) as threads:
+        assert threads == torch.get_num_threads() == before  # a GPU model: nothing to share

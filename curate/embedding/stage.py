@@ -26,7 +26,6 @@ import torch
 
 from curate.embedding.loader import (
     DEFAULT_MAX_PIXELS,
-    PREFETCH_FACTOR,
     DecodeDataset,
     DecodedBatch,
     SampleRow,
@@ -34,7 +33,7 @@ from curate.embedding.loader import (
     plan_units,
 )
 from curate.embedding.store import RunFolder, ShardRecord, source_signature
-from curate.embedding.threads import tuned_threads
+from curate.embedding.threads import threads_beside
 from curate.errors import InputError, RunFolderError
 from curate.io.shards import resolve_shards
 from curate.models.loading import LoadedModel, Precision, load_model
@@ -235,18 +234,13 @@ class EmbedStage(MapStage):
         loader = make_loader(dataset, self.workers, pin_memory=model.device.type == "cuda")
         parts = work[0].parts if work else 1
         states = {i: _ShardState(parts=parts) for i in range(len(units))}
-        ready = self.workers * PREFETCH_FACTOR
-        with tuned_threads(self.workers, model.device, self.workers, ready) as tuner:
+        with threads_beside(self.workers, model.model, model.device):
             for batch in loader:
                 image = text = None
                 if batch.pixels is not None and batch.tokens is not None:
-                    if tuner is not None:
-                        tuner.start_batch()
                     img_t, txt_t = model.encode(batch.pixels, batch.tokens)
                     image = img_t.numpy().astype(np.float16)
                     text = txt_t.numpy().astype(np.float16)
-                    if tuner is not None:
-                        tuner.end_batch(len(batch.rows))
                 state = states[batch.shard_index]
                 state.add(batch, image, text)
                 if self.on_samples is not None:

@@ -92,7 +92,7 @@ for _i, _c in enumerate(b"ABCDEF"):
 
 _SEARCH_ROWS = 1 << 20  # rows per binary-search chunk: its temporaries stay a few MB
 _KEY_PARTS = 8  # `repeated_groups` sorts one eighth of the keys at a time (a power of two)
-_PIECE_ROWS = 1 << 22  # member rows `repeated_groups` yields at once (one group may be more)
+_PIECE_ROWS = 1 << 20  # member rows `repeated_groups` yields at once (one group may be more)
 
 
 def uid_pairs(uids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
