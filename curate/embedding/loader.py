@@ -23,16 +23,7 @@ from curate.io.images import DEFAULT_MAX_PIXELS, SampleError, decode_image
 from curate.io.tar_reader import ShardReader
 from curate.models.tokens import cap_tokenizer
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "PREFETCH_FACTOR",
-    "DecodeDataset",
-    "DecodedBatch",
-    "SampleRow",
-    "make_loader",
-]
-
-PREFETCH_FACTOR = 4  # batches each decoding worker keeps ready
+__all__ = ["DEFAULT_MAX_PIXELS", "DecodeDataset", "DecodedBatch", "SampleRow", "make_loader"]
 
 
 @dataclass
@@ -165,6 +156,6 @@ def make_loader(dataset: DecodeDataset, num_workers: int, pin_memory: bool) -> D
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
     )

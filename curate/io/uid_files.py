@@ -141,11 +141,11 @@ def repeated_groups(keys: np.ndarray, candidates: np.ndarray) -> Iterator[np.nda
             in_part[rows] = candidates[rows] & ((keys[rows] >> shift) == part)
         values = keys[in_part]
         del in_part
-        values.sort()
-        distinct, sizes = np.unique(values, return_counts=True)
-        del values
-        repeated, sizes = distinct[sizes > 1], sizes[sizes > 1]
-        del distinct
+        values.sort()  # in place: runs of equal keys, without np.unique's second copy
+        starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+        sizes = np.diff(np.append(starts, values.size))
+        repeated, sizes = values[starts[sizes > 1]], sizes[sizes > 1]
+        del values, starts
         # Pieces of about _PIECE_ROWS member rows (a larger group is a piece of its own).
         targets = np.arange(1, int(sizes.sum()) // _PIECE_ROWS + 2) * _PIECE_ROWS
         ends = np.searchsorted(np.cumsum(sizes), targets, side="right")

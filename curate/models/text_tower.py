@@ -26,14 +26,14 @@ def shortened_context(model: torch.nn.Module, tokens: torch.Tensor) -> int | Non
 
     if type(model) is not CLIP or getattr(model, "attn_mask", None) is None:
         return None
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        return None
     pool = getattr(model, "text_pool_type", None)
     if pool == "argmax":
         read = tokens.argmax(dim=-1)
     elif pool == "eos" and getattr(model, "text_eos_id", None) is not None:
         read = (tokens == model.text_eos_id).int().argmax(dim=-1)  # type: ignore[operator]
     else:
-        return None
-    if tokens.ndim != 2 or tokens.shape[0] == 0:
         return None
     length = int(read.max()) + 1
     return length if length < tokens.shape[1] else None
