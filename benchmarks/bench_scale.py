@@ -22,10 +22,14 @@ Stages:
   files written directly (one per --per-shard rows, --entries entries, 0 to 3 matches a row
   drawn from a power law, one uid in 1,000 repeated, one row in 200 failed), default tail
   share and the systematic draw: every output file included.
-Other stages (rebalance, the write plan) join here as their reduces become bounded.
+- write: the plan of `curate write` (subset read, the columnar per-shard index, match,
+  order, cut, every shard's fingerprint) on a DataComp .npy of every uid of a synthetic pool
+  (shards of --per-shard tiny samples given as header indexes); --shuffle shuffles.
+Rebalance joins here when its reduce becomes bounded.
 
     python benchmarks/bench_scale.py --stage select --sizes 1000000 10000000
     python benchmarks/bench_scale.py --stage balance --sizes 1000000 10000000
+    python benchmarks/bench_scale.py --stage write --sizes 1000000 10000000 [--shuffle]
 """
 
 from __future__ import annotations
@@ -252,6 +256,92 @@ def measure_select(table: Path) -> dict[str, float]:
     }
 
 
+def make_write_pool(folder: Path, samples: int, per_shard: int, seed: int = 0) -> None:
+    """A write subset (DataComp .npy of every pool uid) and the pool's per-shard header index
+    as `curate.io.tar_index` gives it for img2dataset shards of tiny members (jpg, txt, json;
+    keys SSSSSIIII), saved as arrays: writing 10^8 real samples would take 300 GB of tars."""
+    from curate.io.uid_files import write_datacomp_pairs
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    hi = rng.integers(0, 2**63, size=samples, dtype=np.uint64)
+    lo = rng.integers(0, 2**63, size=samples, dtype=np.uint64)
+    write_datacomp_pairs(folder / "subset.npy", hi, lo)
+    np.save(folder / "hi.npy", hi)
+    np.save(folder / "lo.npy", lo)
+
+
+def _shard_index(shard: int, hi: np.ndarray, lo: np.ndarray, subset):  # -> ShardSamples
+    """The columnar index `curate.writing.catalog.shard_samples` makes of one tiny shard."""
+    from curate.io.uid_files import sorted_positions
+    from curate.writing.catalog import ShardSamples
+
+    n = hi.size
+    keys = np.char.add(f"{shard:05d}", np.char.zfill(np.arange(n).astype("U4"), 4)).astype("S9")
+    sizes = np.tile(np.array([3000, 40, 120], dtype=np.uint32), n)
+    headers = np.arange(3 * n, dtype=np.int64) + 1
+    offsets = headers * 512 + np.cumsum(-(-sizes.astype(np.int64) // 512) * 512) - sizes
+    return ShardSamples(
+        shard=shard,
+        key_ends=np.arange(n + 1, dtype=np.int64) * 9,
+        key_bytes=np.frombuffer(keys.tobytes(), dtype=np.uint8).copy(),
+        positions=sorted_positions(subset.hi, subset.lo, hi, lo).astype(np.uint32),
+        failures={},
+        member_ends=np.arange(n + 1, dtype=np.int64) * 3,
+        ext_names=["jpg", "txt", "json"],
+        exts=np.tile(np.arange(3, dtype=np.uint8), n),
+        offsets=offsets.astype(np.uint32),
+        sizes=sizes,
+    )
+
+
+def measure_write(folder: Path, per_shard: int, shuffle: bool) -> dict[str, float]:
+    """In this (fresh) process: the write plan (subset read, per-shard columnar index, match,
+    order, cut, every shard's fingerprint) as `write_subset` makes it before copying bytes."""
+    import gc
+
+    from curate.writing.catalog import match
+    from curate.writing.plan import cut_shards, order_copies
+    from curate.writing.subset import read_write_subset
+
+    hi_all = np.load(folder / "hi.npy", mmap_mode="r")
+    lo_all = np.load(folder / "lo.npy", mmap_mode="r")
+    gc.collect()
+    base_anon, base_file = Sampler.read()
+    start = time.perf_counter()
+    with Sampler() as sampler:
+        subset = read_write_subset(
+            folder / "subset.npy", duplicates="error", repeats_column=None, seed=0
+        )
+        shards = [
+            _shard_index(
+                i, np.array(hi_all[s : s + per_shard]), np.array(lo_all[s : s + per_shard]), subset
+            )
+            for i, s in enumerate(range(0, hi_all.size, per_shard))
+        ]
+        matched = match(shards, subset)
+        del shards
+        catalog = matched.catalog
+        plan = cut_shards(
+            catalog,
+            order_copies(catalog.copies(), shuffle=shuffle, seed=0),
+            max_samples=per_shard,
+            max_bytes=None,
+        )
+        planned = time.perf_counter() - start
+        urls = [f"{i:05d}.tar" for i in range(len(catalog.shards))]
+        fingerprints = [plan.fingerprint(i, urls, "{}") for i in range(plan.shards)]
+    return {
+        "rows": len(subset),
+        "written": plan.copies,
+        "shards": len(fingerprints),
+        "plan_seconds": planned,
+        "seconds": time.perf_counter() - start,
+        "anon_peak_bytes": sampler.anon - base_anon,
+        "file_peak_bytes": sampler.file - base_file,
+    }
+
+
 class Sampler:
     """Peak RssAnon and RssFile of this process, sampled every 5 ms."""
 
@@ -314,7 +404,7 @@ def measure_score(folder: Path, batch: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=["score", "select", "balance"], default="score")
+    parser.add_argument("--stage", choices=["score", "select", "balance", "write"], default="score")
     parser.add_argument("--entries", type=int, default=50_000, help="balance: metadata entries")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--per-shard", type=int, default=10_000)
@@ -324,6 +414,7 @@ def main() -> None:
         "--bad", action="store_true", help="select: half the rows duplicates, --intersect a "
         "subset file as long as the table, half of its uids unknown"
     )  # fmt: skip
+    parser.add_argument("--shuffle", action="store_true", help="write: --shuffle")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one size, this process
     args = parser.parse_args()
     if args.measure:
@@ -331,6 +422,8 @@ def main() -> None:
             print(json.dumps(measure_select(Path(args.measure))))
         elif args.stage == "balance":
             print(json.dumps(measure_balance(Path(args.measure), args.entries)))
+        elif args.stage == "write":
+            print(json.dumps(measure_write(Path(args.measure), args.per_shard, args.shuffle)))
         else:
             print(json.dumps(measure_score(Path(args.measure), args.negclip_batch)))
         return
@@ -345,12 +438,15 @@ def main() -> None:
             elif args.stage == "balance":
                 folder = Path(tmp) / "matches"
                 make_match_files(folder, size, args.per_shard, args.entries)
+            elif args.stage == "write":
+                make_write_pool(folder, size, args.per_shard)
             else:
                 make_run(folder, size, args.per_shard, args.dim)
             made = time.perf_counter() - started
             done = subprocess.run(
                 [sys.executable, __file__, "--measure", str(folder), "--stage", args.stage,
-                 "--negclip-batch", str(args.negclip_batch), "--entries", str(args.entries)],
+                 "--negclip-batch", str(args.negclip_batch), "--entries", str(args.entries),
+                 "--per-shard", str(args.per_shard), *(["--shuffle"] if args.shuffle else [])],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             result = json.loads(done.stdout.strip().splitlines()[-1])

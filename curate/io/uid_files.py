@@ -40,6 +40,7 @@ __all__ = [
     "read_uid_pairs",
     "repeated_groups",
     "repeats",
+    "sorted_positions",
     "uid_pairs",
     "uids_to_pairs",
     "write_datacomp_npy",
@@ -216,19 +217,33 @@ def member_mask(
         w_hi, w_lo = w_hi[distinct], w_lo[distinct]
     rows = np.zeros(hi.size, dtype=bool)
     found = np.zeros(w_hi.size, dtype=bool)
+    for start in range(0, hi.size, _SEARCH_ROWS):  # a chunk's positions at a time: few MB
+        stop = start + _SEARCH_ROWS
+        at = sorted_positions(w_hi, w_lo, hi[start:stop], lo[start:stop])
+        rows[start:stop] = hit = at >= 0
+        found[at[hit & where[start:stop]]] = True
+    return rows, found
+
+
+def sorted_positions(
+    w_hi: np.ndarray, w_lo: np.ndarray, hi: np.ndarray, lo: np.ndarray
+) -> np.ndarray:
+    """Where each uid (hi, lo) is among the sorted, distinct uids (w_hi, w_lo): an int64 index,
+    -1 when absent. Binary search, a chunk of rows at a time."""
+    positions = np.full(hi.size, -1, dtype=np.int64)
     if w_hi.size == 0:
-        return rows, found
+        return positions
     for start in range(0, hi.size, _SEARCH_ROWS):
         h, lo_ = hi[start : start + _SEARCH_ROWS], lo[start : start + _SEARCH_ROWS]
         left = np.searchsorted(w_hi, h, side="left")
         right = np.searchsorted(w_hi, h, side="right")
+        out = positions[start : start + h.size]
         # Within equal hi (at most a few, by chance), the wanted lo are sorted: search them.
         for extra in range(int((right - left).max(initial=0))):
             at = np.minimum(left + extra, w_hi.size - 1)
             hit = (left + extra < right) & (w_lo[at] == lo_)
-            rows[start : start + h.size] |= hit
-            found[at[hit & where[start : start + h.size]]] = True
-    return rows, found
+            out[hit] = at[hit]
+    return positions
 
 
 def write_datacomp_pairs(path: Path, hi: np.ndarray, lo: np.ndarray) -> int:

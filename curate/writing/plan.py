@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from curate.io.tar_index import IndexedSample
+
+if TYPE_CHECKING:
+    from curate.writing.catalog import Catalog, ShardSamples
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a finished archive to whole records
@@ -75,89 +80,246 @@ class Entry:
         )
 
 
-def order_copies(sources: Sequence[Source], *, shuffle: bool, seed: int) -> list[tuple[int, int]]:
-    """(source index, copy index) pairs in output order (module docstring)."""
-    n = len(sources)
-    if n == 0:
-        return []
+Extras = Mapping[str, Sequence[tuple[str, bytes]]]  # added (extension, bytes) members by uid
+
+
+def order_copies(
+    copies: np.ndarray, *, shuffle: bool, seed: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(source, copy) of every copy in output order (module docstring), as arrays; None stands
+    for the identity order (sources) and for all-zero copy numbers, the common case that
+    then takes no memory."""
+    n = int(copies.size)
     rng = np.random.default_rng(seed)
-    base = rng.random(n) if shuffle else np.arange(n, dtype=np.float64) / n
-    counts = np.array([s.copies for s in sources], dtype=np.int64)
+    base = rng.random(n) if shuffle else None
+    if n == 0 or bool((copies == 1).all()):
+        if base is None:
+            return None, None
+        order = np.argsort(base, kind="stable")  # = lexsort((copy, src, position))
+        del base
+        return _narrow(order, n), None
+    if base is None:
+        base = np.arange(n, dtype=np.float64) / n
+    counts = copies.astype(np.int64)
     src = np.repeat(np.arange(n), counts)
     starts = np.cumsum(counts) - counts
     copy = np.arange(src.size) - np.repeat(starts, counts)
     position = np.mod(base[src] + copy / counts[src], 1.0)
+    del base, starts
     order = np.lexsort((copy, src, position))
-    return list(zip(src[order].tolist(), copy[order].tolist(), strict=True))
+    del position
+    return _narrow(src[order], n), copy[order].astype(np.uint32)
+
+
+@dataclass
+class WritePlan:
+    """Every copy's place: output shard i holds the copies at order positions
+    ``bounds[i]..bounds[i+1]``, copy q being of source ``src[q]`` (q when None), copy number
+    ``copy[q]`` (0 when None), under its key (``{key}_r{copy}``, or `renamed[q]`)."""
+
+    catalog: Catalog
+    src: np.ndarray | None
+    copy: np.ndarray | None
+    bounds: np.ndarray
+    renamed: dict[int, str]
+    max_copies_in_one_shard: int
+
+    @property
+    def shards(self) -> int:
+        return int(self.bounds.size - 1)
+
+    @property
+    def copies(self) -> int:
+        return int(self.bounds[-1])
+
+    def shard_size(self, index: int) -> int:
+        return int(self.bounds[index + 1] - self.bounds[index])
+
+    def _placed(self, index: int) -> Iterator[tuple[ShardSamples, int, int, str, str]]:
+        """(input samples, row, copy number, output key, input key) of shard `index`'s copies."""
+        start, stop = int(self.bounds[index]), int(self.bounds[index + 1])
+        if self.src is None:
+            sources = np.arange(start, stop, dtype=np.int64)
+        else:
+            sources = self.src[start:stop].astype(np.int64)
+        copies = [0] * (stop - start) if self.copy is None else self.copy[start:stop].tolist()
+        starts = self.catalog.starts
+        at = np.searchsorted(starts, sources, side="right") - 1
+        rows = (sources - starts[at]).tolist()
+        shards = self.catalog.shards
+        for q, (i, row, copy) in enumerate(zip(at.tolist(), rows, copies, strict=True), start):
+            samples = shards[i]
+            key = samples.key(row)
+            yield samples, row, copy, self.renamed.get(q) or _copy_key(key, copy), key
+
+    def entries(self, index: int) -> list[Entry]:
+        """Output shard `index`'s entries, in order (built now: objects only for one shard)."""
+        uid = self.catalog.subset.uid
+        return [
+            Entry(
+                Source(
+                    samples.shard,
+                    IndexedSample(key, uid(int(samples.positions[row])), samples.members(row)),
+                ),
+                copy,
+                out_key,
+            )
+            for samples, row, copy, out_key, key in self._placed(index)
+        ]
+
+    def fingerprint(
+        self, index: int, urls: Sequence[str], settings: str, extras: Extras | None = None
+    ) -> str:
+        """Hash of everything that decides shard `index`'s bytes: per copy the JSON list
+        [url, input key, uid, copy, output key, [[ext, offset, size], ...]], then the added
+        members' bytes (`extras`, by uid); first `settings` (input signatures, member names)."""
+        digest = hashlib.sha256(settings.encode())
+        uid_at = self.catalog.subset.uid
+        url_json: dict[int, str] = {}
+        for samples, row, copy, out_key, key in self._placed(index):
+            uid = uid_at(int(samples.positions[row]))
+            shard = samples.shard
+            if shard not in url_json:
+                url_json[shard] = _json_string(urls[shard])
+            first, last = int(samples.member_ends[row]), int(samples.member_ends[row + 1])
+            names = samples.ext_names
+            members = ", ".join(
+                f"[{_json_string(names[e])}, {o}, {z}]"
+                for e, o, z in zip(
+                    samples.exts[first:last].tolist(),
+                    samples.offsets[first:last].tolist(),
+                    samples.sizes[first:last].tolist(),
+                    strict=True,
+                )
+            )
+            line = (
+                f'[{url_json[shard]}, {_json_string(key)}, "{uid}", {copy}, '
+                f"{_json_string(out_key)}, [{members}]]"
+            )
+            digest.update(line.encode())
+            for ext, data in () if extras is None else extras.get(uid, ()):
+                digest.update(ext.encode() + b"\x00" + data)
+        return digest.hexdigest()
+
+
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but " and \: JSON as it is
+
+
+def _json_string(text: str) -> str:
+    """`json.dumps(text)`, without its cost for plain text."""
+    return f'"{text}"' if _PLAIN.fullmatch(text) else json.dumps(text)
+
+
+def _copy_key(key: str, copy: int) -> str:
+    return key if copy == 0 else f"{key}_r{copy}"
 
 
 def cut_shards(
-    sources: Sequence[Source],
-    order: Sequence[tuple[int, int]],
+    catalog: Catalog,
+    order: tuple[np.ndarray | None, np.ndarray | None],
     *,
     max_samples: int,
     max_bytes: int | None,
-    extras: Mapping[str, Sequence[tuple[str, bytes]]] | None = None,
-) -> list[list[Entry]]:
+    extras: Extras | None = None,
+) -> WritePlan:
     """Split the ordered copies into shards and give every copy its output key.
 
     `extras` ((extension, bytes) members by uid) are added to each copy as ``{key}.{ext}``;
-    they count towards `max_bytes`.
+    they count towards `max_bytes`. One window of at most `max_samples` copies is looked at
+    at a time: without a repeated key the shard is cut from the running byte total, else copy
+    by copy as keys are given.
     """
     if max_samples < 1:
         raise ValueError(f"max_samples must be at least 1, not {max_samples}")
-    shards: list[list[Entry]] = []
-    current: list[Entry] = []
-    used: set[str] = set()
-    size = 0
+    src, copy = order
+    total = len(catalog) if src is None else int(src.size)
+    base = catalog.tar_bytes() if max_bytes is not None else None
+    with_extras: dict[int, Sequence[tuple[str, bytes]]] = {}
+    if extras:
+        chosen = np.array(
+            sorted(p for p in map(catalog.subset.find, extras) if p >= 0), dtype=np.int64
+        )
+        for source in catalog.sources_of(chosen).tolist():
+            with_extras[source] = extras[catalog.uid(source)]
 
-    def place(source: Source, copy: int) -> tuple[Entry, int]:
-        key = source.sample.key if copy == 0 else f"{source.sample.key}_r{copy}"
+    def grow(source: int, key: str, own_key: bool) -> int:
+        size = int(base[source]) if own_key and base is not None else 0
+        if not own_key:
+            _, sample = catalog.sample(source)
+            size = sum(member_tar_bytes(f"{key}.{m.ext}", m.size) for m in sample.members)
+        for ext, data in with_extras.get(source, ()):
+            size += member_tar_bytes(f"{key}.{ext}", len(data))
+        return size
+
+    bounds = [0]
+    renamed: dict[int, str] = {}
+    most = 1
+    start = 0
+    while start < total:
+        stop = min(total, start + max_samples)
+        sources = list(range(start, stop)) if src is None else src[start:stop].tolist()
+        copies = [0] * (stop - start) if copy is None else copy[start:stop].tolist()
+        keys = [_copy_key(catalog.key(s), c) for s, c in zip(sources, copies, strict=True)]
+        if len(set(keys)) == len(keys):
+            end = stop
+            if max_bytes is not None:
+                sizes = np.array(
+                    [grow(s, k, c == 0) for s, k, c in zip(sources, keys, copies, strict=True)],
+                    dtype=np.int64,
+                )
+                fits = int((_archive_bytes(np.cumsum(sizes)) <= max_bytes).sum())
+                end = start + max(1, fits)
+        else:
+            end = start + _place(keys, copies, sources, start, max_bytes, grow, renamed)
+        if copy is not None:
+            _, counts = np.unique(np.asarray(sources[: end - start]), return_counts=True)
+            most = max(most, int(counts.max()))
+        bounds.append(end)
+        start = end
+    return WritePlan(
+        catalog=catalog,
+        src=src,
+        copy=copy,
+        bounds=np.array(bounds, dtype=np.int64),
+        renamed=renamed,
+        max_copies_in_one_shard=most,
+    )
+
+
+def _narrow(values: np.ndarray, limit: int) -> np.ndarray:
+    return values.astype(np.uint32) if limit < 2**32 else values.astype(np.int64)
+
+
+def _archive_bytes(members_bytes: np.ndarray) -> np.ndarray:
+    """`archive_bytes`, vectorised."""
+    return -(-(members_bytes + TAR_END) // TAR_RECORD) * TAR_RECORD
+
+
+def _place(
+    keys: list[str],
+    copies: list[int],
+    sources: list[int],
+    start: int,
+    max_bytes: int | None,
+    grow: Callable[[int, str, bool], int],
+    renamed: dict[int, str],
+) -> int:
+    """One shard from a window whose keys repeat: a key already used in the shard gets
+    ``_d{n}``; returns how many copies the shard takes."""
+    used: set[str] = set()
+    size = 0  # the shard's member bytes so far (counted only under a byte limit)
+    for i, (key, copy, source) in enumerate(zip(keys, copies, sources, strict=True)):
         if key in used:
             n = 1
             while f"{key}_d{n}" in used:
                 n += 1
             key = f"{key}_d{n}"
-        entry = Entry(source, copy, key)
-        grow = entry.tar_bytes
-        for ext, data in () if extras is None else extras.get(source.sample.uid, ()):
-            grow += member_tar_bytes(f"{key}.{ext}", len(data))
-        return entry, grow
-
-    for index, copy in order:
-        source = sources[index]
-        entry, grow = place(source, copy)
-        full = current and (
-            len(current) >= max_samples
-            or (max_bytes is not None and archive_bytes(size + grow) > max_bytes)
-        )
-        if full:
-            shards.append(current)
-            current, used, size = [], set(), 0
-            entry, grow = place(source, copy)
-        used.add(entry.key)
-        current.append(entry)
-        size += grow
-    if current:
-        shards.append(current)
-    return shards
-
-
-def shard_fingerprint(
-    entries: Sequence[Entry],
-    urls: Sequence[str],
-    settings: str,
-    extras: Mapping[str, Sequence[tuple[str, bytes]]] | None = None,
-) -> str:
-    """Hash of everything that decides a shard's bytes: sources, offsets, keys, the added
-    members' bytes (`extras`, by uid) and `settings` (input signatures, member names)."""
-    digest = hashlib.sha256(settings.encode())
-    for e in entries:
-        s = e.source.sample
-        members = [(m.ext, m.offset, m.size) for m in s.members]
-        digest.update(
-            json.dumps([urls[e.source.shard], s.key, s.uid, e.copy, e.key, members]).encode()
-        )
-        for ext, data in () if extras is None else extras.get(s.uid, ()):
-            digest.update(ext.encode() + b"\x00" + data)
-    return digest.hexdigest()
+        if max_bytes is not None:
+            more = grow(source, key, copy == 0 and key == keys[i])
+            if i and archive_bytes(size + more) > max_bytes:
+                return i
+            size += more
+        if key != keys[i]:
+            renamed[start + i] = key
+        used.add(key)
+    return len(keys)

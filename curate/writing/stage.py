@@ -28,32 +28,31 @@ import math
 import re
 import shutil
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Literal
+from typing import Any, BinaryIO, ClassVar
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.errors import InputError, ShardOpenError, failure_code
+from curate.errors import InputError, ShardOpenError
 from curate.io.shards import check_out_apart, open_shard, resolve_shards, source_signature
 from curate.io.sidecar import IMG2DATASET_SIDECAR_SCHEMA
 from curate.io.tar_index import ShardIndex, index_shard
 from curate.io.tar_reader import parse_meta
 from curate.io.tar_writer import DeterministicTarWriter
-from curate.io.uid_files import UidList, read_uid_file
 from curate.runtime.atomic import atomic_path, write_atomic, write_json_atomic
 from curate.runtime.executors import TaskSlice, make_executor
 from curate.runtime.records import logged_stage
 from curate.runtime.stage import MapStage, Unit, UnitFailure, run_map
-from curate.writing.plan import Entry, Source, cut_shards, order_copies, shard_fingerprint
+from curate.writing.catalog import Catalog, ShardSamples, match, shard_samples
+from curate.writing.plan import Entry, WritePlan, cut_shards, order_copies
+from curate.writing.subset import Duplicates, WriteSubset, read_write_subset, subset_table
 
-Duplicates = Literal["error", "once", "repeat"]
 SCORES_MEMBER = "scores.json"
 REWRITES_MEMBER = "rewrites.json"
 MANIFEST = "manifest.json"
@@ -174,17 +173,21 @@ def write_subset(
             f"max_bytes={options.max_bytes})"
         )
     report = WriteReport(out=out, subset=str(subset), settings=options.settings())
-    uid_list = read_uid_file(subset)
-    report.subset_rows = len(uid_list.uids)
-    if not uid_list.uids:
+    wanted = read_write_subset(
+        subset,
+        duplicates=options.duplicates,
+        repeats_column=options.repeats_column,
+        seed=options.seed,
+    )
+    report.subset_rows = wanted.rows
+    if not wanted.rows:
         raise InputError(f"subset {subset} is empty: nothing to write")
-    copies = _copies_per_uid(uid_list, options)
-    report.subset_uids = len(copies)
-    report.zero_copies = sum(1 for c in copies.values() if c == 0)
-    report.repeated_uids = sum(1 for c in copies.values() if c > 1)
-    extras = _extra_members(uid_list, options.with_columns)
+    report.subset_uids = len(wanted)
+    report.zero_copies = int((wanted.copies == 0).sum())
+    report.repeated_uids = int((wanted.copies > 1).sum())
+    extras = _extra_members(subset, options.with_columns)
     if options.rewrites is not None:
-        for uid, member in _rewrite_members(Path(options.rewrites), set(copies)).items():
+        for uid, member in _rewrite_members(Path(options.rewrites), wanted).items():
             extras.setdefault(uid, []).append(member)
         report.with_rewrites = sum(
             any(ext == REWRITES_MEMBER for ext, _ in members) for members in extras.values()
@@ -195,44 +198,44 @@ def write_subset(
     _check_out_folder(out, urls, options.overwrite)
     with _scratch_folder(out, tasks.label) as scratch:
         # Uids with zero copies are not looked for: they count once, as zero_copies.
-        wanted = {uid: n for uid, n in copies.items() if n > 0}
-        indexes = _index_all(urls, set(wanted), options.workers, report, scratch)
-        sources, failed = _match(indexes, wanted, report)
-        paths = _data_paths(urls, indexes, sources)
-        missing = sorted(set(wanted) - {s.sample.uid for s in sources} - failed)
-        report.missing_uids = len(missing)
-        writable = sources
-        if not writable:
+        indexes = _index_all(urls, wanted, options.workers, report, scratch)
+        matched = match(indexes, wanted)
+        del indexes
+        catalog = matched.catalog
+        report.duplicate_uid = matched.duplicate_samples
+        report.failed_uids = matched.failed_codes
+        paths = _data_paths(urls, scratch, catalog)
+        missing = (wanted.copies > 0) & ~matched.found
+        report.missing_uids = int(missing.sum())
+        del matched
+        if not len(catalog):
             raise InputError(
                 f"none of the {report.subset_uids} subset uids can be written: "
                 f"{report.missing_uids} not in the shards, {sum(report.failed_uids.values())} "
                 f"failed, {report.zero_copies} with zero copies"
             )
-        order = order_copies(writable, shuffle=options.shuffle, seed=options.seed)
         plan = cut_shards(
-            writable,
-            order,
+            catalog,
+            order_copies(catalog.copies(), shuffle=options.shuffle, seed=options.seed),
             max_samples=options.max_samples,
             max_bytes=options.max_bytes,
             extras=extras,
         )
-        report.shards = len(plan)
-        report.written_uids = len(writable)
-        report.written_samples = len(order)
-        report.max_copies_in_one_shard = max(
-            max(Counter(e.source.sample.uid for e in entries).values()) for entries in plan
-        )
+        report.shards = plan.shards
+        report.written_uids = len(catalog)
+        report.written_samples = plan.copies
+        report.max_copies_in_one_shard = plan.max_copies_in_one_shard
 
         signatures = {url: source_signature(url) for url in urls}
         settings = json.dumps(
             {"signatures": signatures, "with_columns": options.with_columns}, sort_keys=True
         )
         out.mkdir(parents=True, exist_ok=True)
-        _remove_stale(out, len(plan))
+        _remove_stale(out, plan.shards)
         if tasks.count == 1:  # with several tasks a neighbour's temporary file may be in use
             _remove_temporaries(out)
-        if missing:
-            write_atomic(out / MISSING, lambda tmp: tmp.write_text("\n".join(missing) + "\n"))
+        if report.missing_uids:
+            write_atomic(out / MISSING, lambda tmp: _write_lines(tmp, wanted.hex_lines(missing)))
         elif (out / MISSING).exists():
             (out / MISSING).unlink()
 
@@ -241,11 +244,11 @@ def write_subset(
             shards=plan,
             urls=list(urls),
             paths=paths,
-            fingerprints=[shard_fingerprint(e, urls, settings, extras) for e in plan],
+            fingerprints=[plan.fingerprint(i, urls, settings, extras) for i in range(plan.shards)],
             extras=extras,
             open_limit=_open_limit(options.workers),
         )
-        done = {"shards": 0, "samples": 0, "total": len(plan)}
+        done = {"shards": 0, "samples": 0, "total": plan.shards}
 
         def planned(units: int, skipped: int) -> None:
             done["shards"], done["total"] = skipped, units
@@ -268,7 +271,7 @@ def write_subset(
     report.shards_skipped = mapped.skipped
     report.shards_written = mapped.done_now
     report.shard_errors.update(mapped.failed)
-    records = [_read_stats(_stats_path(out, i)) for i in range(len(plan))]
+    records = [_read_stats(_stats_path(out, i)) for i in range(plan.shards)]
     complete = all(
         records[i] is not None and stage.output_present(unit) for i, unit in enumerate(stage.plan())
     )
@@ -288,7 +291,7 @@ class WriteStage(MapStage):
 
     name: ClassVar[str] = "write"
     out: Path
-    shards: list[list[Entry]]  # the plan: each output shard's entries, in order
+    shards: WritePlan  # each output shard's entries, in order
     urls: list[str]
     paths: list[str]  # where each input's bytes are read (a decompressed copy, or the url)
     fingerprints: list[str]
@@ -296,7 +299,7 @@ class WriteStage(MapStage):
     open_limit: int
 
     def plan(self) -> list[Unit]:
-        return [Unit(f"{i:05d}", f"{i:05d}.tar") for i in range(len(self.shards))]
+        return [Unit(f"{i:05d}", f"{i:05d}.tar") for i in range(self.shards.shards)]
 
     def signature(self, unit: Unit) -> dict[str, Any]:
         return {"format": 1, "fingerprint": self.fingerprints[int(unit.name)]}
@@ -309,59 +312,16 @@ class WriteStage(MapStage):
         i = int(unit.name)
         inputs = _Inputs(self.urls, self.paths, self.open_limit)  # its own handles, LRU-bound
         try:
+            entries = self.shards.entries(i)
             stats = _write_shard(
-                self.out, i, self.shards[i], self.urls, self.fingerprints[i], self.extras, inputs
+                self.out, i, entries, self.urls, self.fingerprints[i], self.extras, inputs
             )
         except ShardOpenError as exc:  # an input vanished or changed under us
             raise UnitFailure(str(exc)) from exc
-        return {"samples": len(self.shards[i]), "bytes": int(stats["curate"]["bytes"])}
+        return {"samples": len(entries), "bytes": int(stats["curate"]["bytes"])}
 
 
-def _copies_per_uid(uid_list: UidList, options: WriteOptions) -> dict[str, int]:
-    """Copies per uid (insertion order = first appearance in the subset file)."""
-    counts = Counter(uid_list.uids)
-    repeated = uid_list.repeated()
-    if repeated and options.duplicates == "error":
-        example = next(iter(repeated))
-        raise InputError(
-            f"subset {uid_list.path} lists {len(repeated)} uids more than once (e.g. {example} "
-            f"x{repeated[example]}); pass --duplicates repeat to write the repeats spread across "
-            "shards, or --duplicates once to write each uid once"
-        )
-    per_uid = {uid: (n if options.duplicates == "repeat" else 1) for uid, n in counts.items()}
-    if options.repeats_column is None:
-        return per_uid
-    table = uid_list.table
-    column = options.repeats_column
-    if table is None or column not in table.column_names:
-        raise InputError(
-            f"--repeats {column}: the subset must be a parquet file with a {column!r} column"
-        )
-    values = table.column(column).to_pylist()
-    rng = np.random.default_rng([options.seed, 1])
-    draws = rng.random(len(values))
-    per_uid = dict.fromkeys(per_uid, 0)
-    counted: set[str] = set()
-    for row, (uid, value) in enumerate(zip(uid_list.uids, values, strict=True)):
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise InputError(
-                f"--repeats {column}: row {row} has {value!r}; weights must be finite numbers >= 0"
-            )
-        if options.duplicates == "once" and uid in counted:
-            continue  # `once`: a uid's first row alone decides its copies
-        counted.add(uid)
-        whole = math.floor(value)
-        # Stochastic rounding: expected copies equal the weight; seeded, in file order.
-        per_uid[uid] += whole + int(draws[row] < value - whole)
-    return per_uid
-
-
-def _rewrite_members(folder: Path, wanted: set[str]) -> dict[str, tuple[str, bytes]]:
+def _rewrite_members(folder: Path, wanted: WriteSubset) -> dict[str, tuple[str, bytes]]:
     """`rewrites.json` members (the valid rewrites, model, prompt version) by uid."""
     tables = sorted((folder / "rewrites").glob("*.parquet"))
     if not tables:
@@ -377,9 +337,10 @@ def _rewrite_members(folder: Path, wanted: set[str]) -> dict[str, tuple[str, byt
     members: dict[str, tuple[str, bytes]] = {}
     for path in tables:
         table = pq.read_table(path, columns=["uid", "rewrites", "model", "prompt_version"])
-        for row in table.to_pylist():
+        listed = wanted.positions(table.column("uid")) >= 0
+        for row in table.filter(pa.array(listed)).to_pylist():
             uid = row["uid"]
-            if uid in wanted and row["rewrites"] and uid not in members:
+            if row["rewrites"] and uid not in members:
                 payload = {
                     "rewrites": row["rewrites"],
                     "model": row["model"],
@@ -389,22 +350,16 @@ def _rewrite_members(folder: Path, wanted: set[str]) -> dict[str, tuple[str, byt
     return members
 
 
-def _extra_members(uid_list: UidList, columns: Sequence[str]) -> dict[str, list[tuple[str, bytes]]]:
+def _extra_members(
+    subset: Path | str, columns: Sequence[str]
+) -> dict[str, list[tuple[str, bytes]]]:
     """`scores.json` members per uid with the chosen subset columns (first row per uid)."""
     if not columns:
         return {}
-    table = uid_list.table
-    if table is None:
-        raise InputError("--with-columns needs a parquet subset (curate select's subset.parquet)")
-    absent = [c for c in columns if c not in table.column_names]
-    if absent:
-        raise InputError(
-            f"--with-columns: the subset has no column {absent[0]!r} "
-            f"(columns: {', '.join(table.column_names)})"
-        )
-    data = table.select(list(columns)).to_pylist()
+    table = subset_table(subset, list(columns))
     extras: dict[str, list[tuple[str, bytes]]] = {}
-    for uid, row in zip(uid_list.uids, data, strict=True):
+    for row in table.to_pylist():
+        uid = row.pop("uid").lower()
         if uid not in extras:
             clean = {
                 k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -412,6 +367,12 @@ def _extra_members(uid_list: UidList, columns: Sequence[str]) -> dict[str, list[
             }
             extras[uid] = [(SCORES_MEMBER, json.dumps(clean, sort_keys=True).encode())]
     return extras
+
+
+def _write_lines(path: Path, blocks: Iterator[str]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for block in blocks:
+            fh.write(block)
 
 
 def _check_out_folder(out: Path, urls: Sequence[str], overwrite: bool) -> None:
@@ -436,21 +397,36 @@ def _check_out_folder(out: Path, urls: Sequence[str], overwrite: bool) -> None:
 
 
 def _index_all(
-    urls: Sequence[str], wanted: set[str], workers: int, report: WriteReport, scratch: Path
-) -> list[ShardIndex | None]:
-    def one(url: str) -> ShardIndex | None:
+    urls: Sequence[str], wanted: WriteSubset, workers: int, report: WriteReport, scratch: Path
+) -> list[ShardSamples | None]:
+    """Each shard's wanted samples (uids with copies to write), columnar, in input order."""
+
+    def looked_for(uid: str) -> bool:
+        at = wanted.find(uid)
+        return at >= 0 and bool(wanted.copies[at])
+
+    def one(shard: int) -> tuple[ShardSamples | None, tuple[ShardIndex, int] | str]:
         try:
-            return index_shard(url, wanted.__contains__, scratch=scratch)
+            index = index_shard(urls[shard], looked_for, scratch=scratch)
         except ShardOpenError as exc:
-            report.shard_errors[url] = str(exc)
-            return None
+            return None, str(exc)
+        samples = shard_samples(index, shard, wanted)
+        kept = len(samples)
+        index.samples = []  # the objects go now: the columns hold what is needed
+        return samples, (index, kept)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        indexes = list(pool.map(one, urls))
-    for index in indexes:
-        if index is not None and index.truncated:
+        results = list(pool.map(one, range(len(urls))))
+    for url, (_, found) in zip(urls, results, strict=True):
+        if isinstance(found, str):
+            report.shard_errors[url] = found
+            continue
+        index, kept = found
+        report.input_samples += index.count
+        report.not_selected += index.count - kept
+        if index.truncated:
             report.truncated[index.url] = index.truncated
-    return indexes
+    return [samples for samples, _ in results]
 
 
 @contextmanager
@@ -472,47 +448,19 @@ def _scratch_folder(out: Path, task: str) -> Iterator[Path]:
             out.rmdir()
 
 
-def _data_paths(
-    urls: Sequence[str], indexes: Sequence[ShardIndex | None], sources: Sequence[Source]
-) -> list[str]:
+def _data_paths(urls: Sequence[str], scratch: Path, catalog: Catalog) -> list[str]:
     """Where each input shard's member bytes are read from: the shard itself, or its
     decompressed scratch copy; copies no chosen sample needs are deleted here."""
-    used = {s.shard for s in sources}
     paths = list(urls)
-    for i, index in enumerate(indexes):
-        if index is None or index.data_path is None:
-            continue
-        if i in used:
-            paths[i] = index.data_path
-        else:
-            Path(index.data_path).unlink(missing_ok=True)
-            index.data_path = None
+    for samples in catalog.shards:
+        if samples.data_path is not None:
+            paths[samples.shard] = samples.data_path
+    used = set(paths) - set(urls)
+    if scratch.is_dir():
+        for copy in scratch.iterdir():
+            if str(copy) not in used:
+                copy.unlink(missing_ok=True)
     return paths
-
-
-def _match(
-    indexes: Sequence[ShardIndex | None], copies: dict[str, int], report: WriteReport
-) -> tuple[list[Source], set[str]]:
-    """The first copyable sample of each subset uid, in input order, and the uids that only
-    have uncopyable samples (counted by reason in the report)."""
-    chosen: dict[str, Source] = {}
-    failed: dict[str, str] = {}
-    for shard_index, index in enumerate(indexes):
-        if index is None:
-            continue
-        report.input_samples += index.count
-        report.not_selected += index.count - len(index.samples)
-        for sample in index.samples:
-            if sample.uid in chosen:
-                report.duplicate_uid += 1
-            elif sample.error is not None:
-                failed.setdefault(sample.uid, failure_code(sample.error))
-            else:
-                chosen[sample.uid] = Source(shard_index, sample, copies[sample.uid])
-    for uid in chosen:
-        failed.pop(uid, None)
-    report.failed_uids = dict(sorted(Counter(failed.values()).items()))
-    return list(chosen.values()), set(failed)
 
 
 def _stats_path(out: Path, index: int) -> Path:
@@ -711,7 +659,7 @@ def _as_str(value: object) -> str | None:
 
 def _write_manifest(
     out: Path,
-    plan: Sequence[Sequence[Entry]],
+    plan: WritePlan,
     records: Sequence[dict[str, Any] | None],
     report: WriteReport,
 ) -> None:
@@ -748,6 +696,6 @@ def _write_manifest(
         },
         "settings": report.settings,
     }
-    assert manifest["samples"] == sum(len(e) for e in plan)
+    assert manifest["samples"] == plan.copies
     write_json_atomic(out / MANIFEST, manifest)
     write_json_atomic(out / SIZES, {s["tar"]: s["samples"] for s in shards})

@@ -1,0 +1,276 @@
+"""The input samples a write copies, held columnar: no Python object per sample.
+
+Each input shard's header index (`curate.io.tar_index`) becomes a `ShardSamples` as soon as it
+is read: per wanted sample its key (UTF-8 bytes in one buffer), its uid's position in the
+subset (`curate.writing.subset`), whether it can be copied (else its failure code), and its
+members as three flat arrays (extension id, data offset, size). About 60 bytes a sample with
+the usual three members; the `IndexedSample` objects of one shard live only while it is read.
+
+`match` then keeps, for each subset uid, its first copyable sample in input order (the others
+are duplicates or failures, counted) and gives the `Catalog`: the chosen samples of every
+shard, numbered 0..n-1 in input order (the plan's "sources").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from curate.errors import failure_code
+from curate.io.tar_index import IndexedSample, Member, ShardIndex
+from curate.writing.plan import TAR_BLOCK
+from curate.writing.subset import WriteSubset
+
+_LONG_NAME = 100  # GNU tar: longer member names get a ././@LongLink member first
+
+
+def _smallest(values: np.ndarray, limit: int) -> np.ndarray:
+    """`values` as uint32 when every value (and `limit`) fits, else int64."""
+    return values.astype(np.uint32 if limit < 2**32 else np.int64)
+
+
+@dataclass
+class ShardSamples:
+    """The wanted samples of one input shard, in tar order, columnar."""
+
+    shard: int  # index into the input shard list
+    key_ends: np.ndarray  # [n + 1]: sample i's key is key_bytes[key_ends[i]:key_ends[i+1]]
+    key_bytes: np.ndarray  # uint8
+    positions: np.ndarray  # the uid's position in the subset
+    failures: dict[int, str]  # failure code by row, for the samples that cannot be copied
+    member_ends: np.ndarray  # [n + 1]: sample i's members are [member_ends[i], ...[i+1])
+    ext_names: list[str]
+    exts: np.ndarray  # uint8/uint16 ids into ext_names
+    offsets: np.ndarray  # data offsets, uint32 when the tar is under 4 GiB
+    sizes: np.ndarray  # data sizes
+    data_path: str | None = None  # a compressed shard's decompressed copy, read instead
+
+    def __len__(self) -> int:
+        return int(self.positions.size)
+
+    def key(self, row: int) -> str:
+        start, stop = int(self.key_ends[row]), int(self.key_ends[row + 1])
+        return self.key_bytes[start:stop].tobytes().decode("utf-8", "surrogateescape")
+
+    def members(self, row: int) -> list[Member]:
+        start, stop = int(self.member_ends[row]), int(self.member_ends[row + 1])
+        return [
+            Member(self.ext_names[e], o, s)
+            for e, o, s in zip(
+                self.exts[start:stop].tolist(),
+                self.offsets[start:stop].tolist(),
+                self.sizes[start:stop].tolist(),
+                strict=True,
+            )
+        ]
+
+    def tar_bytes(self) -> np.ndarray:
+        """Bytes each sample's members take in a tar under the sample's own key (int64)."""
+        lengths = np.diff(self.key_ends)
+        ext_lengths = np.array(
+            [len(e.encode("utf-8", "surrogateescape")) for e in self.ext_names], dtype=np.int64
+        )
+        counts = np.diff(self.member_ends)
+        names = np.repeat(lengths, counts) + 1 + ext_lengths[self.exts]
+        padded = -(-self.sizes.astype(np.int64) // TAR_BLOCK) * TAR_BLOCK
+        long_names = np.where(names > _LONG_NAME, TAR_BLOCK + -(-(names + 1) // TAR_BLOCK) * 512, 0)
+        per_member = TAR_BLOCK + padded + long_names
+        totals = np.zeros(len(self), dtype=np.int64)
+        np.add.at(totals, np.repeat(np.arange(len(self)), counts), per_member)
+        return totals
+
+    def taking(self, rows: np.ndarray) -> ShardSamples:
+        """Only `rows` (ascending), all copyable."""
+        if rows.size == len(self) and not self.failures:
+            return self
+        key_ends, key_items = _gather(self.key_ends, rows)
+        member_ends, members = _gather(self.member_ends, rows)
+        return ShardSamples(
+            shard=self.shard,
+            key_ends=key_ends,
+            key_bytes=self.key_bytes[key_items],
+            positions=self.positions[rows],
+            failures={},
+            member_ends=member_ends,
+            ext_names=self.ext_names,
+            exts=self.exts[members],
+            offsets=self.offsets[members],
+            sizes=self.sizes[members],
+            data_path=self.data_path,
+        )
+
+
+def _gather(ends: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ragged items (row i owns [ends[i], ends[i+1])): the new ends and the item indices
+    of `rows`, in order."""
+    counts = np.diff(ends)[rows]
+    counts = counts.astype(np.int64)
+    new_ends = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    shift = ends[:-1][rows].astype(np.int64) - new_ends[:-1]
+    items = np.arange(new_ends[-1], dtype=np.int64) + np.repeat(shift, counts)
+    return _smallest(new_ends, int(new_ends[-1])), items
+
+
+def _ends(lengths: Sequence[int]) -> np.ndarray:
+    """Ragged ends [0, l0, l0 + l1, ...], as uint32 when they fit."""
+    ends = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(np.int64)
+    return _smallest(ends, int(ends[-1]))
+
+
+def shard_samples(index: ShardIndex, shard: int, subset: WriteSubset) -> ShardSamples:
+    """A shard index's samples whose uid is in `subset`, columnar (module doc)."""
+    positions = subset.positions(pa.array([s.uid for s in index.samples], pa.string()))
+    samples = index.samples
+    if bool((positions < 0).any()):  # an index of every sample: keep the subset's
+        samples = [s for s, p in zip(samples, positions.tolist(), strict=True) if p >= 0]
+        positions = positions[positions >= 0]
+    keys = [s.key.encode("utf-8", "surrogateescape") for s in samples]
+    ext_ids: dict[str, int] = {}
+    exts: list[int] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
+    counts: list[int] = []
+    for s in samples:
+        members = [] if s.error is not None else s.members  # an uncopyable sample is never read
+        counts.append(len(members))
+        for m in members:
+            exts.append(ext_ids.setdefault(m.ext, len(ext_ids)))
+            offsets.append(m.offset)
+            sizes.append(m.size)
+    return ShardSamples(
+        shard=shard,
+        key_ends=_ends([len(k) for k in keys]),
+        key_bytes=np.frombuffer(b"".join(keys), dtype=np.uint8).copy(),
+        positions=_smallest(positions, len(subset)),
+        failures={i: failure_code(s.error) for i, s in enumerate(samples) if s.error is not None},
+        member_ends=_ends(counts),
+        ext_names=list(ext_ids),
+        exts=np.array(exts, dtype=np.uint8 if len(ext_ids) <= 256 else np.uint16),
+        offsets=_smallest(np.array(offsets, dtype=np.int64), index.size),
+        sizes=_smallest(np.array(sizes, dtype=np.int64), max(sizes, default=0) + 1),
+        data_path=index.data_path,
+    )
+
+
+@dataclass
+class Matched:
+    """What `match` found: the catalog and the accounting of the subset's uids."""
+
+    catalog: Catalog
+    found: np.ndarray  # bool per subset position: some sample carries the uid
+    failed: np.ndarray  # bool per subset position: only uncopyable samples carry it
+    failed_codes: dict[str, int]  # failed uids by their first sample's failure code
+    duplicate_samples: int  # samples after the chosen one of their uid
+
+
+@dataclass
+class Catalog:
+    """The chosen samples (one per written uid) of every input shard, numbered in input order."""
+
+    subset: WriteSubset
+    shards: list[ShardSamples]  # only those with a chosen sample, input order
+    starts: np.ndarray = field(init=False)  # int64: first source number of each
+
+    def __post_init__(self) -> None:
+        self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])]).astype(
+            np.int64
+        )
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, source: int) -> tuple[ShardSamples, int]:
+        at = int(np.searchsorted(self.starts, source, side="right")) - 1
+        return self.shards[at], source - int(self.starts[at])
+
+    def key(self, source: int) -> str:
+        samples, row = self.locate(source)
+        return samples.key(row)
+
+    def uid(self, source: int) -> str:
+        samples, row = self.locate(source)
+        return self.subset.uid(int(samples.positions[row]))
+
+    def sample(self, source: int) -> tuple[int, IndexedSample]:
+        """The input shard and the indexed sample of source number `source`."""
+        samples, row = self.locate(source)
+        uid = self.subset.uid(int(samples.positions[row]))
+        return samples.shard, IndexedSample(samples.key(row), uid, samples.members(row))
+
+    def copies(self) -> np.ndarray:
+        """Copies to write of each source (uint32; a view of 1 when the subset is `single`)."""
+        if self.subset.single:
+            return np.broadcast_to(np.uint32(1), (len(self),))
+        return np.concatenate(
+            [np.zeros(0, np.uint32)] + [self.subset.copies[s.positions] for s in self.shards]
+        )
+
+    def tar_bytes(self) -> np.ndarray:
+        """Bytes each source's members take in a tar under its own key (int64)."""
+        return np.concatenate([np.zeros(0, np.int64)] + [s.tar_bytes() for s in self.shards])
+
+    def sources_of(self, positions: np.ndarray) -> np.ndarray:
+        """Source numbers whose uid is at one of the subset `positions` (ascending)."""
+        wanted = np.zeros(len(self.subset), dtype=bool)
+        wanted[positions] = True
+        return np.concatenate(
+            [np.zeros(0, np.int64)]
+            + [
+                np.flatnonzero(wanted[s.positions]) + int(start)
+                for s, start in zip(self.shards, self.starts.tolist(), strict=False)
+            ]
+        )
+
+
+def match(shards: Sequence[ShardSamples | None], subset: WriteSubset) -> Matched:
+    """Each subset uid's first copyable sample in input order, and the accounting. A shard at
+    a time: beside the shards, 10 bytes per subset uid."""
+    present = [s for s in shards if s is not None]
+    none = np.iinfo(np.int64).max
+    first_ok = np.full(len(subset), none, dtype=np.int64)  # first copyable row of each uid
+    start = 0
+    for s in present:
+        ok = np.ones(len(s), dtype=bool)
+        ok[list(s.failures)] = False
+        rows = np.flatnonzero(ok)
+        np.minimum.at(first_ok, s.positions[rows], rows + start)
+        start += len(s)
+    found = np.zeros(len(subset), dtype=bool)
+    duplicates = 0
+    taken: list[ShardSamples] = []
+    failures: list[tuple[np.ndarray, list[str]]] = []  # positions and codes of failed samples
+    start = 0
+    for s in present:
+        rows = np.arange(start, start + len(s), dtype=np.int64)
+        first = first_ok[s.positions]
+        duplicates += int((first < rows).sum())
+        found[s.positions] = True
+        mine = np.flatnonzero(first == rows)
+        del rows, first
+        if s.failures:
+            failed_rows = sorted(s.failures)
+            failures.append((s.positions[failed_rows], [s.failures[r] for r in failed_rows]))
+        if mine.size:
+            taken.append(s.taking(mine))
+        start += len(s)
+    failed = found & (first_ok == none)
+    del first_ok
+    # A failed uid counts under the failure of its first sample (all of its samples failed).
+    codes: Counter[str] = Counter()
+    counted = np.zeros(len(subset), dtype=bool) if failures else found
+    for positions, reasons in failures:
+        for position, reason in zip(positions.tolist(), reasons, strict=True):
+            if failed[position] and not counted[position]:
+                counted[position] = True
+                codes[reason] += 1
+    return Matched(
+        catalog=Catalog(subset, taken),
+        found=found,
+        failed=failed,
+        failed_codes=dict(sorted(codes.items())),
+        duplicate_samples=duplicates,
+    )
