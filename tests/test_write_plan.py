@@ -158,7 +158,10 @@ def test_match_keeps_each_uids_first_copyable_sample(tmp_path: Path, seed: int) 
         got_shard, got = catalog.sample(source)
         assert (got_shard, got.key, got.uid) == (shard, sample.key, sample.uid)
         assert got.members == [Member(m.ext, m.offset, m.size) for m in sample.members]
-        assert catalog.key(source) == sample.key and catalog.uid(source) == sample.uid
+    columns = catalog.columns(np.arange(len(chosen))[::-1])  # any order
+    assert columns.keys == [s.key for _, s in chosen][::-1]
+    assert columns.uids == [s.uid for _, s in chosen][::-1]
+    assert columns.shard == [shard for shard, _ in chosen][::-1]
     assert matched.duplicate_samples == duplicates
     assert matched.failed_codes == dict(codes)
     assert {subset.uid(p) for p in np.flatnonzero(matched.found)} == found

@@ -14,17 +14,20 @@ shard, numbered 0..n-1 in input order (the plan's "sources").
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from curate.errors import failure_code
 from curate.io.tar_index import IndexedSample, Member, ShardIndex
-from curate.writing.plan import TAR_BLOCK
+from curate.writing.plan import TAR_BLOCK, json_string
 from curate.writing.subset import WriteSubset
 
+MemberForm = Literal["objects", "json"]
 _LONG_NAME = 100  # GNU tar: longer member names get a ././@LongLink member first
 
 
@@ -52,21 +55,34 @@ class ShardSamples:
     def __len__(self) -> int:
         return int(self.positions.size)
 
-    def key(self, row: int) -> str:
-        start, stop = int(self.key_ends[row]), int(self.key_ends[row + 1])
-        return self.key_bytes[start:stop].tobytes().decode("utf-8", "surrogateescape")
+    def keys(self, rows: np.ndarray) -> list[str]:
+        """The keys of `rows` (any order): one decode for ASCII keys, which are the rule."""
+        ends, items = _gather(self.key_ends, rows)
+        data = self.key_bytes[items].tobytes()
+        text = data.decode("utf-8", "surrogateescape")
+        bounds = ends.tolist()
+        if len(text) != len(data):  # some key is not ASCII: byte bounds are not char bounds
+            return [data[a:b].decode("utf-8", "surrogateescape") for a, b in pairwise(bounds)]
+        return [text[a:b] for a, b in pairwise(bounds)]
 
-    def members(self, row: int) -> list[Member]:
-        start, stop = int(self.member_ends[row]), int(self.member_ends[row + 1])
-        return [
-            Member(self.ext_names[e], o, s)
-            for e, o, s in zip(
-                self.exts[start:stop].tolist(),
-                self.offsets[start:stop].tolist(),
-                self.sizes[start:stop].tolist(),
-                strict=True,
-            )
-        ]
+    def members_of(self, rows: np.ndarray, form: MemberForm) -> list[list[Member]] | list[str]:
+        """The members of `rows` (any order): as `Member` lists, or each sample's JSON list
+        ``[[ext, offset, size], ...]`` (as `json.dumps` writes it, for fingerprints)."""
+        ends, items = _gather(self.member_ends, rows)
+        triples = zip(
+            self.exts[items].tolist(),
+            self.offsets[items].tolist(),
+            self.sizes[items].tolist(),
+            strict=True,
+        )
+        bounds = ends.tolist()
+        if form == "objects":
+            names = self.ext_names
+            members = [Member(names[e], o, z) for e, o, z in triples]
+            return [members[a:b] for a, b in pairwise(bounds)]
+        quoted = [json_string(name) for name in self.ext_names]
+        parts = [f"[{quoted[e]}, {o}, {z}]" for e, o, z in triples]
+        return ["[" + ", ".join(parts[a:b]) + "]" for a, b in pairwise(bounds)]
 
     def tar_bytes(self) -> np.ndarray:
         """Bytes each sample's members take in a tar under the sample's own key (int64)."""
@@ -168,6 +184,16 @@ class Matched:
 
 
 @dataclass
+class Columns:
+    """Some sources' fields as lists (`Catalog.columns`): built per output shard, not per pool."""
+
+    shard: list[int]  # input shard index
+    keys: list[str]
+    uids: list[str]
+    members: list[Any]  # per source: list[Member] or its JSON (`ShardSamples.members_of`)
+
+
+@dataclass
 class Catalog:
     """The chosen samples (one per written uid) of every input shard, numbered in input order."""
 
@@ -183,23 +209,36 @@ class Catalog:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def locate(self, source: int) -> tuple[ShardSamples, int]:
-        at = int(np.searchsorted(self.starts, source, side="right")) - 1
-        return self.shards[at], source - int(self.starts[at])
-
-    def key(self, source: int) -> str:
-        samples, row = self.locate(source)
-        return samples.key(row)
-
-    def uid(self, source: int) -> str:
-        samples, row = self.locate(source)
-        return self.subset.uid(int(samples.positions[row]))
-
     def sample(self, source: int) -> tuple[int, IndexedSample]:
         """The input shard and the indexed sample of source number `source`."""
-        samples, row = self.locate(source)
-        uid = self.subset.uid(int(samples.positions[row]))
-        return samples.shard, IndexedSample(samples.key(row), uid, samples.members(row))
+        one = self.columns(np.array([source]), "objects")
+        return one.shard[0], IndexedSample(one.keys[0], one.uids[0], one.members[0])
+
+    def _groups(self, sources: np.ndarray) -> Iterator[tuple[ShardSamples, np.ndarray, list[int]]]:
+        """Per input shard among `sources`: its samples, the rows it holds and their indices
+        in `sources` (one argsort of the batch instead of a search per source)."""
+        sources = np.asarray(sources, dtype=np.int64)
+        at = np.searchsorted(self.starts, sources, side="right") - 1
+        order = np.argsort(at, kind="stable")
+        cuts = np.flatnonzero(np.diff(at[order])) + 1
+        for piece in np.split(order, cuts):
+            if piece.size:
+                shard = int(at[piece[0]])
+                yield self.shards[shard], sources[piece] - self.starts[shard], piece.tolist()
+
+    def columns(self, sources: np.ndarray, members: MemberForm | None = None) -> Columns:
+        """Input shard, key and uid of each of `sources`, and their members when asked."""
+        n = int(np.asarray(sources).size)
+        shard, keys, positions = [0] * n, [""] * n, np.zeros(n, dtype=np.int64)
+        values: list[Any] = [None] * n if members else []
+        for samples, rows, where in self._groups(sources):
+            positions[where] = samples.positions[rows]
+            for i, key in zip(where, samples.keys(rows), strict=True):
+                shard[i], keys[i] = samples.shard, key
+            if members:
+                for i, value in zip(where, samples.members_of(rows, members), strict=True):
+                    values[i] = value
+        return Columns(shard, keys, self.subset.hexes(positions), values)
 
     def copies(self) -> np.ndarray:
         """Copies to write of each source (uint32; a view of 1 when the subset is `single`)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ import numpy as np
 from curate.io.tar_index import IndexedSample
 
 if TYPE_CHECKING:
-    from curate.writing.catalog import Catalog, ShardSamples
+    from curate.writing.catalog import Catalog, Columns, MemberForm
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a finished archive to whole records
@@ -135,36 +135,32 @@ class WritePlan:
     def shard_size(self, index: int) -> int:
         return int(self.bounds[index + 1] - self.bounds[index])
 
-    def _placed(self, index: int) -> Iterator[tuple[ShardSamples, int, int, str, str]]:
-        """(input samples, row, copy number, output key, input key) of shard `index`'s copies."""
+    def _placed(self, index: int, members: MemberForm) -> tuple[Columns, list[int], list[str]]:
+        """Shard `index`'s copies: their sources' columns, copy numbers and output keys."""
         start, stop = int(self.bounds[index]), int(self.bounds[index + 1])
-        if self.src is None:
-            sources = np.arange(start, stop, dtype=np.int64)
-        else:
-            sources = self.src[start:stop].astype(np.int64)
+        sources = np.arange(start, stop) if self.src is None else self.src[start:stop]
         copies = [0] * (stop - start) if self.copy is None else self.copy[start:stop].tolist()
-        starts = self.catalog.starts
-        at = np.searchsorted(starts, sources, side="right") - 1
-        rows = (sources - starts[at]).tolist()
-        shards = self.catalog.shards
-        for q, (i, row, copy) in enumerate(zip(at.tolist(), rows, copies, strict=True), start):
-            samples = shards[i]
-            key = samples.key(row)
-            yield samples, row, copy, self.renamed.get(q) or _copy_key(key, copy), key
+        columns = self.catalog.columns(sources, members)
+        out_keys = [
+            self.renamed.get(q) or _copy_key(key, copy)
+            for q, key, copy in zip(range(start, stop), columns.keys, copies, strict=True)
+        ]
+        return columns, copies, out_keys
 
     def entries(self, index: int) -> list[Entry]:
         """Output shard `index`'s entries, in order (built now: objects only for one shard)."""
-        uid = self.catalog.subset.uid
+        columns, copies, out_keys = self._placed(index, "objects")
         return [
-            Entry(
-                Source(
-                    samples.shard,
-                    IndexedSample(key, uid(int(samples.positions[row])), samples.members(row)),
-                ),
-                copy,
-                out_key,
+            Entry(Source(shard, IndexedSample(key, uid, members)), copy, out_key)
+            for shard, key, uid, members, copy, out_key in zip(
+                columns.shard,
+                columns.keys,
+                columns.uids,
+                columns.members,
+                copies,
+                out_keys,
+                strict=True,
             )
-            for samples, row, copy, out_key, key in self._placed(index)
         ]
 
     def fingerprint(
@@ -174,28 +170,20 @@ class WritePlan:
         [url, input key, uid, copy, output key, [[ext, offset, size], ...]], then the added
         members' bytes (`extras`, by uid); first `settings` (input signatures, member names)."""
         digest = hashlib.sha256(settings.encode())
-        uid_at = self.catalog.subset.uid
-        url_json: dict[int, str] = {}
-        for samples, row, copy, out_key, key in self._placed(index):
-            uid = uid_at(int(samples.positions[row]))
-            shard = samples.shard
-            if shard not in url_json:
-                url_json[shard] = _json_string(urls[shard])
-            first, last = int(samples.member_ends[row]), int(samples.member_ends[row + 1])
-            names = samples.ext_names
-            members = ", ".join(
-                f"[{_json_string(names[e])}, {o}, {z}]"
-                for e, o, z in zip(
-                    samples.exts[first:last].tolist(),
-                    samples.offsets[first:last].tolist(),
-                    samples.sizes[first:last].tolist(),
-                    strict=True,
-                )
-            )
-            line = (
-                f'[{url_json[shard]}, {_json_string(key)}, "{uid}", {copy}, '
-                f"{_json_string(out_key)}, [{members}]]"
-            )
+        columns, copies, out_keys = self._placed(index, "json")
+        url_json = {shard: json_string(urls[shard]) for shard in set(columns.shard)}
+        for shard, key, uid, members, copy, out_key in zip(
+            columns.shard,
+            columns.keys,
+            columns.uids,
+            columns.members,
+            copies,
+            out_keys,
+            strict=True,
+        ):
+            key_json = json_string(key)
+            out_json = key_json if out_key == key else json_string(out_key)
+            line = f'[{url_json[shard]}, {key_json}, "{uid}", {copy}, {out_json}, {members}]'
             digest.update(line.encode())
             for ext, data in () if extras is None else extras.get(uid, ()):
                 digest.update(ext.encode() + b"\x00" + data)
@@ -205,7 +193,7 @@ class WritePlan:
 _PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but " and \: JSON as it is
 
 
-def _json_string(text: str) -> str:
+def json_string(text: str) -> str:
     """`json.dumps(text)`, without its cost for plain text."""
     return f'"{text}"' if _PLAIN.fullmatch(text) else json.dumps(text)
 
@@ -239,8 +227,10 @@ def cut_shards(
         chosen = np.array(
             sorted(p for p in map(catalog.subset.find, extras) if p >= 0), dtype=np.int64
         )
-        for source in catalog.sources_of(chosen).tolist():
-            with_extras[source] = extras[catalog.uid(source)]
+        sources = catalog.sources_of(chosen)
+        uids = catalog.columns(sources).uids
+        for source, uid in zip(sources.tolist(), uids, strict=True):
+            with_extras[source] = extras[uid]
 
     def grow(source: int, key: str, own_key: bool) -> int:
         size = int(base[source]) if own_key and base is not None else 0
@@ -257,9 +247,10 @@ def cut_shards(
     start = 0
     while start < total:
         stop = min(total, start + max_samples)
-        sources = list(range(start, stop)) if src is None else src[start:stop].tolist()
+        window = np.arange(start, stop) if src is None else src[start:stop]
+        sources = window.tolist()
         copies = [0] * (stop - start) if copy is None else copy[start:stop].tolist()
-        keys = [_copy_key(catalog.key(s), c) for s, c in zip(sources, copies, strict=True)]
+        keys = [_copy_key(k, c) for k, c in zip(catalog.columns(window).keys, copies, strict=True)]
         if len(set(keys)) == len(keys):
             end = stop
             if max_bytes is not None:

@@ -52,6 +52,13 @@ class WriteSubset:
         """The hex uid at `position`."""
         return f"{int(self.hi[position]):016x}{int(self.lo[position]):016x}"
 
+    def hexes(self, positions: np.ndarray) -> list[str]:
+        """The hex uids at `positions`: one hex conversion of their big-endian bytes."""
+        pairs = np.empty((np.asarray(positions).size, 2), dtype=">u8")
+        pairs[:, 0], pairs[:, 1] = self.hi[positions], self.lo[positions]
+        text = pairs.tobytes().hex()
+        return [text[i : i + 32] for i in range(0, len(text), 32)]
+
     def find(self, uid: str) -> int:
         """Position of a 32-hex uid (either case), -1 when absent or not a uid."""
         if len(uid) != 32 or not _HEX.fullmatch(uid):
