@@ -24,7 +24,8 @@ Stages:
   share and the systematic draw: every output file included.
 - write: the plan of `curate write` (subset read, the columnar per-shard index, match,
   order, cut, every shard's fingerprint) on a DataComp .npy of every uid of a synthetic pool
-  (shards of --per-shard tiny samples given as header indexes); --shuffle shuffles.
+  (shards of --per-shard tiny samples given as header indexes); --shuffle shuffles; with
+  --bad the subset holds as many unknown uids again.
 Rebalance joins here when its reduce becomes bounded.
 
     python benchmarks/bench_scale.py --stage select --sizes 1000000 10000000
@@ -256,19 +257,25 @@ def measure_select(table: Path) -> dict[str, float]:
     }
 
 
-def make_write_pool(folder: Path, samples: int, per_shard: int, seed: int = 0) -> None:
+def make_write_pool(
+    folder: Path, samples: int, per_shard: int, seed: int = 0, *, bad: bool = False
+) -> None:
     """A write subset (DataComp .npy of every pool uid) and the pool's per-shard header index
     as `curate.io.tar_index` gives it for img2dataset shards of tiny members (jpg, txt, json;
-    keys SSSSSIIII), saved as arrays: writing 10^8 real samples would take 300 GB of tars."""
+    keys SSSSSIIII), saved as arrays: writing 10^8 real samples would take 300 GB of tars.
+    With `bad`, the subset file is twice as long: as many uids again that no shard holds."""
     from curate.io.uid_files import write_datacomp_pairs
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     hi = rng.integers(0, 2**63, size=samples, dtype=np.uint64)
     lo = rng.integers(0, 2**63, size=samples, dtype=np.uint64)
-    write_datacomp_pairs(folder / "subset.npy", hi, lo)
     np.save(folder / "hi.npy", hi)
     np.save(folder / "lo.npy", lo)
+    if bad:  # unknown uids: the top bit set, which the pool's never have
+        hi = np.concatenate([hi, rng.integers(2**63, 2**64 - 1, size=samples, dtype=np.uint64)])
+        lo = np.concatenate([lo, rng.integers(0, 2**63, size=samples, dtype=np.uint64)])
+    write_datacomp_pairs(folder / "subset.npy", hi, lo)
 
 
 def _shard_index(shard: int, hi: np.ndarray, lo: np.ndarray, subset):  # -> ShardSamples
@@ -333,6 +340,7 @@ def measure_write(folder: Path, per_shard: int, shuffle: bool) -> dict[str, floa
         fingerprints = [plan.fingerprint(i, urls, "{}") for i in range(plan.shards)]
     return {
         "rows": len(subset),
+        "missing": int((~matched.found).sum()),
         "written": plan.copies,
         "shards": len(fingerprints),
         "plan_seconds": planned,
@@ -412,7 +420,8 @@ def main() -> None:
     parser.add_argument("--negclip-batch", type=int, default=256)
     parser.add_argument(
         "--bad", action="store_true", help="select: half the rows duplicates, --intersect a "
-        "subset file as long as the table, half of its uids unknown"
+        "subset file as long as the table, half of its uids unknown; write: a subset twice as "
+        "long as the pool, half of its uids unknown"
     )  # fmt: skip
     parser.add_argument("--shuffle", action="store_true", help="write: --shuffle")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one size, this process
@@ -439,7 +448,7 @@ def main() -> None:
                 folder = Path(tmp) / "matches"
                 make_match_files(folder, size, args.per_shard, args.entries)
             elif args.stage == "write":
-                make_write_pool(folder, size, args.per_shard)
+                make_write_pool(folder, size, args.per_shard, bad=args.bad)
             else:
                 make_run(folder, size, args.per_shard, args.dim)
             made = time.perf_counter() - started

@@ -131,7 +131,8 @@ def test_class_ranks_follow_the_draw_order_within_each_class(
 
 
 def test_reduce_state_is_arrays_without_python_objects(tmp_path: Path) -> None:
-    """The scan's per-row state is a handful of fixed-width arrays: 25 bytes a row here."""
+    """The scan's per-row state is a handful of fixed-width arrays: 17 bytes a row and 8 per
+    matched row here."""
     write_tables(tmp_path / "tables", seed=4, units=2, rows=50)
     meta_path = tmp_path / "meta.json"
     save_metadata(meta_path, CONCEPTS)
@@ -141,4 +142,6 @@ def test_reduce_state_is_arrays_without_python_objects(tmp_path: Path) -> None:
     scan = reduce.scan_pool(files, len(CONCEPTS), class_key=True, keep_matches=False)
     arrays = [scan.flags, scan.hi, scan.lo, scan.class_key]
     assert all(isinstance(a, np.ndarray) and a.dtype != object for a in arrays)
-    assert sum(a.nbytes for a in arrays) == 25 * scan.rows  # type: ignore[union-attr]
+    keyed = int(scan.keyed().sum())
+    assert 0 < keyed < scan.rows
+    assert sum(a.nbytes for a in arrays) == 17 * scan.rows + 8 * keyed  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ import pytest
 from resharder_oracle import assert_resharder_accepts
 
 from curate.errors import InputError
+from curate.io import uid_files
 from curate.io.uid_files import (
     DATACOMP_DTYPE,
     first_occurrences,
@@ -459,3 +460,38 @@ def test_read_uid_pairs_equals_read_uid_file_for_every_format(tmp_path: Path) ->
     pq.write_table(pa.table({"id": [uids[0]]}), tmp_path / "nouid.parquet")
     with pytest.raises(InputError, match="no 'uid' column"):
         read_uid_pairs(tmp_path / "nouid.parquet")
+
+
+@pytest.mark.parametrize("block", [1, 7, 33, 1 << 24])
+@pytest.mark.parametrize("seed", range(4))
+def test_text_pairs_read_in_blocks_equal_the_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, seed: int
+) -> None:
+    """Blocks cut anywhere (inside a uid, between \\r and \\n) give the lines of the whole file."""
+    monkeypatch.setattr(uid_files, "_TEXT_BLOCK", block)
+    rng = np.random.default_rng(seed)
+    uids = random_uids(rng, 40)
+    endings = ["\n", "\r\n", "\r", "\x0c", "\u2028"]
+    lines = [] if seed % 2 else ["  # comment", "", "UID"]
+    for u in uids:
+        lines.append(f"  {u.upper() if rng.random() < 0.3 else u}\t")
+        if rng.random() < 0.2:
+            lines.append("#" + u)
+    text = "".join(line + endings[int(rng.integers(len(endings)))] for line in lines)
+    path = tmp_path / "uids.txt"
+    path.write_bytes(text.encode("utf-8"))
+    hi, lo = read_uid_pairs(path)
+    assert list(zip(hi.tolist(), lo.tolist(), strict=True)) == [
+        (int(u[:16], 16), int(u[16:], 16)) for u in uids
+    ]
+    assert [f"{h:016x}{v:016x}" for h, v in zip(hi.tolist(), lo.tolist(), strict=True)] == (
+        read_uid_file(path).uids
+    )
+    bad_line = 1 + int(rng.integers(len(lines)))
+    lines.insert(bad_line - 1, "ab" * 15)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(InputError, match=rf"line {bad_line} is not a 32-hex"):
+        read_uid_pairs(path)
+    path.write_bytes(b"\xff\xfe\x00garbage\xe9")
+    with pytest.raises(InputError, match="not a readable UTF-8 text file"):
+        read_uid_pairs(path)

@@ -4,13 +4,14 @@ The sample phase reads the match files three times, never holding a string or a 
 per row:
 
 1. `scan_pool`: per row the uid's two halves (hi, lo: 16 bytes), a flags byte (error, valid
-   uid, matched, repeat) and, for the systematic rule, the first half of its class key (8
-   bytes); per entry the pool count. Later repeats of a uid are found on the halves
-   (`io.uid_files.first_occurrences`) and their matches taken back out of the counts (only the
-   files holding a repeat are read again). ``--target-size`` also keeps each row's matched
+   uid, matched, repeat) and, for the systematic rule and matched rows only, the first half of
+   the class key (8 bytes); per entry the pool count. Later repeats of a uid are found on the
+   halves (`io.uid_files.first_occurrences`) and their matches taken back out of the counts
+   (only the files holding a repeat are read again). ``--target-size`` also keeps each row's matched
    entries (8 bytes + 4 per match): its bisection evaluates the expected size many times.
 2. t from the counts; for the systematic rule each row's rank within its class
-   (`draws.class_ranks`, 4 bytes a row). The uid halves and class keys are then released.
+   (`draws.class_ranks`, 4 bytes a row), on the uid halves cut down to the matched rows. The
+   uid halves and class keys are then released.
 3. `decide_unit`, once per match file in pool order: the file's rows again, their keep
    probabilities, class offsets and draws recomputed from their own matches, the decisions and
    subset rows returned as Arrow tables, the kept uids and the entry counts after balancing
@@ -64,7 +65,7 @@ class PoolScan:
     counts: np.ndarray  # pool count per entry (int64), over the ok rows
     hi: np.ndarray | None = None
     lo: np.ndarray | None = None
-    class_key: np.ndarray | None = None  # first half of each row's class key (systematic)
+    class_key: np.ndarray | None = None  # first half of the class key of each `keyed` row
     csr: tuple[np.ndarray, np.ndarray] | None = None  # ok rows' matches (for --target-size)
 
     @property
@@ -78,6 +79,11 @@ class PoolScan:
 
     def matched(self, rows: slice = slice(None)) -> np.ndarray:
         return self.ok(rows) & ((self.flags[rows] & MATCHED) != 0)
+
+    def keyed(self) -> np.ndarray:
+        """Rows that have a `class_key`: matched, no error, a valid uid (repeats included:
+        they are only known once the whole pool is read)."""
+        return (self.flags & (ERRORED | VALID | MATCHED)) == (VALID | MATCHED)
 
     def release(self) -> None:
         """Drop what only the reduce's global steps need (uid halves, class keys, matches)."""
@@ -117,8 +123,8 @@ def scan_pool(
         counts=np.zeros(n_entries, dtype=np.int64),
         hi=np.zeros(n, dtype=np.uint64),
         lo=np.zeros(n, dtype=np.uint64),
-        class_key=np.zeros(n, dtype=np.uint64) if class_key else None,
     )
+    keys: list[np.ndarray] = []  # class keys of the keyed rows, a file at a time
     match_lengths: list[np.ndarray] = []
     match_ids: list[np.ndarray] = []
     for index, path in enumerate(files):
@@ -134,8 +140,9 @@ def scan_pool(
         candidate = valid & ~errored  # ok unless a repeat, known after every file is read
         taken = np.repeat(candidate, lengths)
         scan.counts += count_entries(flat[taken], n_entries)
-        if scan.class_key is not None:
-            scan.class_key[rows] = class_keys(_offsets(lengths), flat)[0]
+        if class_key:
+            keyed = candidate & (lengths > 0)
+            keys.append(class_keys(_offsets(lengths), flat)[0][keyed])
         if keep_matches:
             match_lengths.append(np.where(candidate, lengths, 0))
             match_ids.append(flat[taken].astype(np.int32))
@@ -144,6 +151,9 @@ def scan_pool(
     repeat = valid & ~first_occurrences(scan.hi, scan.lo, valid)
     scan.flags[repeat] |= REPEAT
     _take_back_repeats(scan, repeat, match_lengths, match_ids)
+    if class_key:
+        scan.class_key = np.concatenate([np.zeros(0, np.uint64), *keys])
+        del keys
     if keep_matches:
         lengths = np.concatenate([np.zeros(0, np.int64), *match_lengths])
         ids = np.concatenate([np.zeros(0, np.int32), *match_ids])
@@ -173,9 +183,20 @@ def _take_back_repeats(
 
 
 def rank_classes(scan: PoolScan, seed: int) -> np.ndarray:
-    """Each matched row's rank within its class (`draws.class_ranks`)."""
+    """Each matched row's rank within its class (`draws.class_ranks`), 0 for the other rows.
+    Releases the scan's uid halves and class keys: they are cut down to the keyed rows first,
+    so ranking holds about 24 bytes per matched row rather than per row."""
     assert scan.class_key is not None and scan.hi is not None and scan.lo is not None
-    return class_ranks(scan.class_key, scan.matched(), scan.hi, scan.lo, seed)
+    keyed = scan.keyed()
+    hi = scan.hi[keyed]
+    scan.hi = None
+    lo = scan.lo[keyed]
+    scan.lo = None
+    key, scan.class_key = scan.class_key, None
+    eligible = (scan.flags[keyed] & REPEAT) == 0
+    ranks = np.zeros(scan.rows, dtype=np.uint32)
+    ranks[keyed] = class_ranks(key, eligible, hi, lo, seed)
+    return ranks
 
 
 @dataclass

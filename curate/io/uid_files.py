@@ -334,9 +334,51 @@ def read_uid_pairs(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
                 f"{path}: row {bad} is not a 32-hex-character uid: {column[bad].as_py()!r}"
             )
         return hi, lo
-    uids = read_uid_file(path).uids
-    hi, lo, _ = uid_pairs(pa.array(uids, type=pa.string()))
-    return hi, lo
+    if suffix in (".txt", ".uids", ".csv", ""):
+        return _text_pairs(path)
+    raise InputError(f"{path}: unknown uid file type {suffix!r}; use {UID_FORMATS}")
+
+
+def _text_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A text uid file as pairs, read a block at a time (only one block's lines are Python
+    strings); the same lines, header rule and errors as `_read_text`."""
+    his: list[np.ndarray] = []
+    los: list[np.ndarray] = []
+    number = 0  # lines before the block, as str.splitlines counts them
+    header_seen = False
+    carry = ""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            while True:
+                chunk = handle.read(_TEXT_BLOCK)
+                lines = (carry + chunk).splitlines(keepends=True)
+                # The last line may go on in the next block ("\r" may be half of "\r\n").
+                carry = lines.pop() if chunk and lines else ""
+                numbered = [
+                    (n, text)
+                    for n, text in enumerate((line.strip() for line in lines), number + 1)
+                    if text and not text.startswith("#")
+                ]
+                number += len(lines)
+                if numbered and not header_seen:
+                    header_seen = True
+                    if numbered[0][1].lower() == "uid":  # a one-column CSV's header
+                        numbered = numbered[1:]
+                column = pa.array([text for _, text in numbered], type=pa.string())
+                hi, lo, valid = uid_pairs(column)
+                if not valid.all():
+                    at, value = numbered[int(np.argmin(valid))]
+                    raise InputError(f"{path}: line {at} is not a 32-hex-character uid: {value!r}")
+                his.append(hi)
+                los.append(lo)
+                if not chunk:
+                    break
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable UTF-8 text file ({exc})") from exc
+    return np.concatenate(his), np.concatenate(los)
+
+
+_TEXT_BLOCK = 1 << 24  # characters of a text uid file read at a time (~500k uids)
 
 
 def _has_npy_header(path: Path) -> bool:
