@@ -23,6 +23,7 @@ import pytest
 from curate.errors import InputError
 from curate.io.tar_index import IndexedSample, Member, ShardIndex
 from curate.writing.catalog import match, shard_samples
+from curate.writing.extras import added_members
 from curate.writing.plan import archive_bytes, cut_shards, member_tar_bytes, order_copies
 from curate.writing.subset import read_write_subset
 
@@ -234,6 +235,16 @@ def _oracle_fingerprint(
     return digest.hexdigest()
 
 
+@dataclass
+class _ByUid:
+    """Added members from a plain dict (the plan asks for them a batch of uids at a time)."""
+
+    members: dict[str, list[tuple[str, bytes]]]
+
+    def batch(self, uids: list[str]) -> list[list[tuple[str, bytes]]]:
+        return [self.members.get(u, []) for u in uids]
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_plan_and_fingerprints_match_the_greedy_oracle(tmp_path: Path, seed: int) -> None:
     rng = np.random.default_rng(100 + seed)
@@ -253,7 +264,8 @@ def test_plan_and_fingerprints_match_the_greedy_oracle(tmp_path: Path, seed: int
     uids = sorted(set(world.subset_rows))
     extras = {u: [("note.txt", rng.bytes(int(rng.integers(0, 900))))] for u in uids[::3]}
     order = order_copies(catalog.copies(), shuffle=shuffle, seed=seed)
-    plan = cut_shards(catalog, order, max_samples=max_samples, max_bytes=max_bytes, extras=extras)
+    added = _ByUid(extras)
+    plan = cut_shards(catalog, order, max_samples=max_samples, max_bytes=max_bytes, extras=added)
 
     chosen, *_ = _oracle_match(world, set(world.subset_rows))
     copies = [int(subset.copies[subset.find(s.uid)]) for _, s in chosen]
@@ -279,7 +291,7 @@ def test_plan_and_fingerprints_match_the_greedy_oracle(tmp_path: Path, seed: int
         ]
         settings = f"settings {seed}"
         oracle = [(chosen[i][0], chosen[i][1], j, key) for i, j, key in shard]
-        assert plan.fingerprint(index, world.urls, settings, extras) == _oracle_fingerprint(
+        assert plan.fingerprint(index, world.urls, settings, added) == _oracle_fingerprint(
             oracle, world.urls, settings, extras
         )
         most = max([most, *Counter(i for i, _, _ in shard).values()])
@@ -299,3 +311,60 @@ def test_member_bytes_of_a_sample_match_member_tar_bytes(tmp_path: Path) -> None
             if x.uid in world.subset_rows
         ]
         assert samples.tar_bytes().tolist() == expected
+
+
+def test_added_members_match_a_row_by_row_dict(tmp_path: Path) -> None:
+    """scores.json from the first subset row of a uid, rewrites.json from its first row with
+    rewrites (tables in name order), built in batches: the same bytes as a dict built row by
+    row with json.dumps."""
+    rng = np.random.default_rng(7)
+    uids = [_uid(rng) for _ in range(40)]
+    rows = uids + [uids[int(rng.integers(40))] for _ in range(15)]
+    score = [float(x) for x in rng.normal(size=len(rows))]
+    score[3], score[8] = float("nan"), float("inf")
+    note = [None if i % 6 == 0 else f"n{i} ✓" for i in range(len(rows))]
+    path = tmp_path / "subset.parquet"
+    shown = [u.upper() if i % 4 == 0 else u for i, u in enumerate(rows)]
+    pq.write_table(pa.table({"uid": shown, "score": score, "note": note}), path)
+    folder = tmp_path / "rw"
+    (folder / "rewrites").mkdir(parents=True)
+    tables = []
+    for t in range(3):
+        chosen = [uids[int(rng.integers(40))] for _ in range(20)] + [_uid(rng)]
+        lists = [None if i % 7 == 0 else [f"r{t}.{i}"] * (i % 3) for i in range(len(chosen))]
+        tables.append((chosen, lists, f"model-{t}"))
+        pq.write_table(
+            pa.table(
+                {
+                    "uid": chosen,
+                    "rewrites": lists,
+                    "model": [f"model-{t}"] * len(chosen),
+                    "prompt_version": ["p1"] * len(chosen),
+                }
+            ),
+            folder / "rewrites" / f"{t:05d}.parquet",
+        )
+    (folder / "rewrite.json").write_text("{}")
+
+    expected: dict[str, list[tuple[str, bytes]]] = {}
+    for uid, s, n in zip(rows, score, note, strict=True):
+        if uid not in expected:
+            clean = {"score": s if np.isfinite(s) else None, "note": n}
+            expected[uid] = [("scores.json", json.dumps(clean, sort_keys=True).encode())]
+    with_rewrites: set[str] = set()
+    for chosen, lists, model in tables:
+        for uid, rewrites in zip(chosen, lists, strict=True):
+            if uid in expected and rewrites and uid not in with_rewrites:
+                with_rewrites.add(uid)
+                payload = {"rewrites": rewrites, "model": model, "prompt_version": "p1"}
+                expected[uid].append(
+                    ("rewrites.json", json.dumps(payload, sort_keys=True).encode())
+                )
+
+    subset = read_write_subset(path, duplicates="once", repeats_column=None, seed=0)
+    added = added_members(subset, path, ["score", "note"], folder)
+    asked = [uids[int(i)] for i in rng.permutation(40)] + uids[:5]
+    assert added.batch(asked) == [expected[u] for u in asked]
+    assert added.count("rewrites.json") == len(with_rewrites) > 0
+    assert added.count("scores.json") == 40
+    assert not added_members(subset, path, [], None)

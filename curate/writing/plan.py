@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -80,7 +80,12 @@ class Entry:
         )
 
 
-Extras = Mapping[str, Sequence[tuple[str, bytes]]]  # added (extension, bytes) members by uid
+class Extras(Protocol):
+    """Members added to written samples (`curate.writing.extras.AddedMembers`)."""
+
+    def batch(self, uids: Sequence[str]) -> list[list[tuple[str, bytes]]]:
+        """The (extension, bytes) members added to each of `uids`."""
+        ...
 
 
 def order_copies(
@@ -172,20 +177,22 @@ class WritePlan:
         digest = hashlib.sha256(settings.encode())
         columns, copies, out_keys = self._placed(index, "json")
         url_json = {shard: json_string(urls[shard]) for shard in set(columns.shard)}
-        for shard, key, uid, members, copy, out_key in zip(
+        added = extras.batch(columns.uids) if extras else [[]] * len(copies)
+        for shard, key, uid, members, copy, out_key, more in zip(
             columns.shard,
             columns.keys,
             columns.uids,
             columns.members,
             copies,
             out_keys,
+            added,
             strict=True,
         ):
             key_json = json_string(key)
             out_json = key_json if out_key == key else json_string(out_key)
             line = f'[{url_json[shard]}, {key_json}, "{uid}", {copy}, {out_json}, {members}]'
             digest.update(line.encode())
-            for ext, data in () if extras is None else extras.get(uid, ()):
+            for ext, data in more:
                 digest.update(ext.encode() + b"\x00" + data)
         return digest.hexdigest()
 
@@ -212,32 +219,23 @@ def cut_shards(
 ) -> WritePlan:
     """Split the ordered copies into shards and give every copy its output key.
 
-    `extras` ((extension, bytes) members by uid) are added to each copy as ``{key}.{ext}``;
-    they count towards `max_bytes`. One window of at most `max_samples` copies is looked at
-    at a time: without a repeated key the shard is cut from the running byte total, else copy
-    by copy as keys are given.
+    `extras` (members added by uid) are added to each copy as ``{key}.{ext}``; they count
+    towards `max_bytes`. One window of at most `max_samples` copies is looked at at a time:
+    without a repeated key the shard is cut from the running byte total, else copy by copy as
+    keys are given.
     """
     if max_samples < 1:
         raise ValueError(f"max_samples must be at least 1, not {max_samples}")
     src, copy = order
     total = len(catalog) if src is None else int(src.size)
     base = catalog.tar_bytes() if max_bytes is not None else None
-    with_extras: dict[int, Sequence[tuple[str, bytes]]] = {}
-    if extras:
-        chosen = np.array(
-            sorted(p for p in map(catalog.subset.find, extras) if p >= 0), dtype=np.int64
-        )
-        sources = catalog.sources_of(chosen)
-        uids = catalog.columns(sources).uids
-        for source, uid in zip(sources.tolist(), uids, strict=True):
-            with_extras[source] = extras[uid]
 
-    def grow(source: int, key: str, own_key: bool) -> int:
+    def grow(source: int, key: str, own_key: bool, added: Sequence[tuple[str, bytes]]) -> int:
         size = int(base[source]) if own_key and base is not None else 0
         if not own_key:
             _, sample = catalog.sample(source)
             size = sum(member_tar_bytes(f"{key}.{m.ext}", m.size) for m in sample.members)
-        for ext, data in with_extras.get(source, ()):
+        for ext, data in added:
             size += member_tar_bytes(f"{key}.{ext}", len(data))
         return size
 
@@ -250,18 +248,23 @@ def cut_shards(
         window = np.arange(start, stop) if src is None else src[start:stop]
         sources = window.tolist()
         copies = [0] * (stop - start) if copy is None else copy[start:stop].tolist()
-        keys = [_copy_key(k, c) for k, c in zip(catalog.columns(window).keys, copies, strict=True)]
+        columns = catalog.columns(window)
+        keys = [_copy_key(k, c) for k, c in zip(columns.keys, copies, strict=True)]
+        added = extras.batch(columns.uids) if extras and max_bytes is not None else [[]] * len(keys)
         if len(set(keys)) == len(keys):
             end = stop
             if max_bytes is not None:
                 sizes = np.array(
-                    [grow(s, k, c == 0) for s, k, c in zip(sources, keys, copies, strict=True)],
+                    [
+                        grow(s, k, c == 0, a)
+                        for s, k, c, a in zip(sources, keys, copies, added, strict=True)
+                    ],
                     dtype=np.int64,
                 )
                 fits = int((_archive_bytes(np.cumsum(sizes)) <= max_bytes).sum())
                 end = start + max(1, fits)
         else:
-            end = start + _place(keys, copies, sources, start, max_bytes, grow, renamed)
+            end = start + _place(keys, copies, sources, added, start, max_bytes, grow, renamed)
         if copy is not None:
             _, counts = np.unique(np.asarray(sources[: end - start]), return_counts=True)
             most = max(most, int(counts.max()))
@@ -290,9 +293,10 @@ def _place(
     keys: list[str],
     copies: list[int],
     sources: list[int],
+    added: list[list[tuple[str, bytes]]],
     start: int,
     max_bytes: int | None,
-    grow: Callable[[int, str, bool], int],
+    grow: Callable[[int, str, bool, Sequence[tuple[str, bytes]]], int],
     renamed: dict[int, str],
 ) -> int:
     """One shard from a window whose keys repeat: a key already used in the shard gets
@@ -306,7 +310,7 @@ def _place(
                 n += 1
             key = f"{key}_d{n}"
         if max_bytes is not None:
-            more = grow(source, key, copy == 0 and key == keys[i])
+            more = grow(source, key, copy == 0 and key == keys[i], added[i])
             if i and archive_bytes(size + more) > max_bytes:
                 return i
             size += more

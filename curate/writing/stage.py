@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import shutil
 import time
@@ -50,11 +49,10 @@ from curate.runtime.executors import TaskSlice, make_executor
 from curate.runtime.records import logged_stage
 from curate.runtime.stage import MapStage, Unit, UnitFailure, run_map
 from curate.writing.catalog import Catalog, ShardSamples, match, shard_samples
+from curate.writing.extras import REWRITES_MEMBER, AddedMembers, added_members
 from curate.writing.plan import Entry, WritePlan, cut_shards, order_copies
-from curate.writing.subset import Duplicates, WriteSubset, read_write_subset, subset_table
+from curate.writing.subset import Duplicates, WriteSubset, read_write_subset
 
-SCORES_MEMBER = "scores.json"
-REWRITES_MEMBER = "rewrites.json"
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
 MISSING = "missing_uids.txt"
@@ -185,13 +183,9 @@ def write_subset(
     report.subset_uids = len(wanted)
     report.zero_copies = int((wanted.copies == 0).sum())
     report.repeated_uids = int((wanted.copies > 1).sum())
-    extras = _extra_members(subset, options.with_columns)
+    extras = added_members(wanted, subset, options.with_columns, options.rewrites)
     if options.rewrites is not None:
-        for uid, member in _rewrite_members(Path(options.rewrites), wanted).items():
-            extras.setdefault(uid, []).append(member)
-        report.with_rewrites = sum(
-            any(ext == REWRITES_MEMBER for ext, _ in members) for members in extras.values()
-        )
+        report.with_rewrites = extras.count(REWRITES_MEMBER)
 
     urls = resolve_shards(shards)
     report.input_shards = len(urls)
@@ -295,7 +289,7 @@ class WriteStage(MapStage):
     urls: list[str]
     paths: list[str]  # where each input's bytes are read (a decompressed copy, or the url)
     fingerprints: list[str]
-    extras: dict[str, list[tuple[str, bytes]]]
+    extras: AddedMembers
     open_limit: int
 
     def plan(self) -> list[Unit]:
@@ -319,54 +313,6 @@ class WriteStage(MapStage):
         except ShardOpenError as exc:  # an input vanished or changed under us
             raise UnitFailure(str(exc)) from exc
         return {"samples": len(entries), "bytes": int(stats["curate"]["bytes"])}
-
-
-def _rewrite_members(folder: Path, wanted: WriteSubset) -> dict[str, tuple[str, bytes]]:
-    """`rewrites.json` members (the valid rewrites, model, prompt version) by uid."""
-    tables = sorted((folder / "rewrites").glob("*.parquet"))
-    if not tables:
-        raise InputError(f"--rewrites {folder}: no rewrites/*.parquet (curate rewrite's output)")
-    unfinished = (folder / ".curate" / "rewrite").is_dir() and not (
-        folder / "rewrite.json"
-    ).is_file()
-    if unfinished:  # a rewrite run writes rewrite.json once every unit is done and deduped
-        raise InputError(
-            f"--rewrites {folder}: the rewrite run is not finished (no rewrite.json; uids "
-            f"repeated across units are marked only at the end); see `curate status {folder}`"
-        )
-    members: dict[str, tuple[str, bytes]] = {}
-    for path in tables:
-        table = pq.read_table(path, columns=["uid", "rewrites", "model", "prompt_version"])
-        listed = wanted.positions(table.column("uid")) >= 0
-        for row in table.filter(pa.array(listed)).to_pylist():
-            uid = row["uid"]
-            if row["rewrites"] and uid not in members:
-                payload = {
-                    "rewrites": row["rewrites"],
-                    "model": row["model"],
-                    "prompt_version": row["prompt_version"],
-                }
-                members[uid] = (REWRITES_MEMBER, json.dumps(payload, sort_keys=True).encode())
-    return members
-
-
-def _extra_members(
-    subset: Path | str, columns: Sequence[str]
-) -> dict[str, list[tuple[str, bytes]]]:
-    """`scores.json` members per uid with the chosen subset columns (first row per uid)."""
-    if not columns:
-        return {}
-    table = subset_table(subset, list(columns))
-    extras: dict[str, list[tuple[str, bytes]]] = {}
-    for row in table.to_pylist():
-        uid = row.pop("uid").lower()
-        if uid not in extras:
-            clean = {
-                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in row.items()
-            }
-            extras[uid] = [(SCORES_MEMBER, json.dumps(clean, sort_keys=True).encode())]
-    return extras
 
 
 def _write_lines(path: Path, blocks: Iterator[str]) -> None:
@@ -563,7 +509,7 @@ def _write_shard(
     entries: Sequence[Entry],
     urls: Sequence[str],
     fingerprint: str,
-    extras: dict[str, list[tuple[str, bytes]]],
+    extras: AddedMembers,
     inputs: _Inputs,
 ) -> dict[str, Any]:
     name = f"{index:05d}"
@@ -574,8 +520,9 @@ def _write_shard(
     try:
         with atomic_path(out / f"{name}.tar") as tmp:
             with open(tmp, "wb") as fh, DeterministicTarWriter(fh) as writer:
-                for entry in entries:
-                    rows.append(_copy_sample(writer, inputs, entry, urls, extras))
+                added = extras.batch([e.source.sample.uid for e in entries])
+                for entry, more in zip(entries, added, strict=True):
+                    rows.append(_copy_sample(writer, inputs, entry, urls, more))
                 size, sha256 = writer.close()
             table = pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA)
             write_atomic(out / f"{name}.parquet", lambda p: pq.write_table(table, p))
@@ -605,7 +552,7 @@ def _copy_sample(
     inputs: _Inputs,
     entry: Entry,
     urls: Sequence[str],
-    extras: dict[str, list[tuple[str, bytes]]],
+    added: Sequence[tuple[str, bytes]],
 ) -> dict[str, Any]:
     sample = entry.source.sample
     meta_raw: bytes | None = None
@@ -618,7 +565,7 @@ def _copy_sample(
             meta_raw = data
         elif ext == "txt" and caption is None:
             caption = data
-    for ext, data in extras.get(sample.uid, ()):
+    for ext, data in added:
         writer.add(f"{entry.key}.{ext}", data)
     meta, _ = parse_meta(meta_raw)
     meta = meta or {}
