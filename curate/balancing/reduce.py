@@ -124,7 +124,11 @@ def scan_pool(
         hi=np.zeros(n, dtype=np.uint64),
         lo=np.zeros(n, dtype=np.uint64),
     )
-    keys: list[np.ndarray] = []  # class keys of the keyed rows, a file at a time
+    # Class keys of the keyed rows, packed at the front; the rest is never touched (calloc'd
+    # pages stay unmapped) and is cut off at the end. Not a list of per-file arrays joined at
+    # the end: their freed heap pages stayed resident beside the joined copy.
+    keys = np.zeros(n if class_key else 0, dtype=np.uint64)
+    filled = 0
     match_lengths: list[np.ndarray] = []
     match_ids: list[np.ndarray] = []
     for index, path in enumerate(files):
@@ -141,8 +145,9 @@ def scan_pool(
         taken = np.repeat(candidate, lengths)
         scan.counts += count_entries(flat[taken], n_entries)
         if class_key:
-            keyed = candidate & (lengths > 0)
-            keys.append(class_keys(_offsets(lengths), flat)[0][keyed])
+            keyed = class_keys(_offsets(lengths), flat)[0][candidate & (lengths > 0)]
+            keys[filled : filled + keyed.size] = keyed
+            filled += keyed.size
         if keep_matches:
             match_lengths.append(np.where(candidate, lengths, 0))
             match_ids.append(flat[taken].astype(np.int32))
@@ -152,8 +157,8 @@ def scan_pool(
     scan.flags[repeat] |= REPEAT
     _take_back_repeats(scan, repeat, match_lengths, match_ids)
     if class_key:
-        scan.class_key = np.concatenate([np.zeros(0, np.uint64), *keys])
-        del keys
+        keys.resize(filled, refcheck=False)  # in place: nothing else refers to it
+        scan.class_key = keys
     if keep_matches:
         lengths = np.concatenate([np.zeros(0, np.int64), *match_lengths])
         ids = np.concatenate([np.zeros(0, np.int32), *match_ids])
