@@ -492,6 +492,14 @@ def test_text_pairs_read_in_blocks_equal_the_whole_file(
     path.write_text("\n".join(lines), encoding="utf-8")
     with pytest.raises(InputError, match=rf"line {bad_line} is not a 32-hex"):
         read_uid_pairs(path)
-    path.write_bytes(b"\xff\xfe\x00garbage\xe9")
-    with pytest.raises(InputError, match="not a readable UTF-8 text file"):
-        read_uid_pairs(path)
+    # Decoding errors: the same message as the whole-file reader (positions from the file
+    # start), and before a bad line that comes earlier in the file.
+    body = "\n".join(lines).encode()
+    for broken in (body + b"\xff\n", "ключ\n".encode() + body[:40] + b"\xe9x", body + b"\xd0"):
+        path.write_bytes(broken)
+        with pytest.raises(InputError) as whole:
+            read_uid_file(path)
+        with pytest.raises(InputError) as blocks:
+            read_uid_pairs(path)
+        assert str(blocks.value) == str(whole.value)
+        assert "not a readable UTF-8 text file" in str(blocks.value)

@@ -368,3 +368,15 @@ def test_added_members_match_a_row_by_row_dict(tmp_path: Path) -> None:
     assert added.count("rewrites.json") == len(with_rewrites) > 0
     assert added.count("scores.json") == 40
     assert not added_members(subset, path, [], None)
+
+
+def test_copies_past_uint32_are_an_input_error(tmp_path: Path) -> None:
+    a, b = "0" * 31 + "1", "ab" * 16
+    path = _subset_file(tmp_path, [a, b], [1.0, 5e9])
+    with pytest.raises(InputError, match=r"row 1 has 5000000000.0; a uid is written at most"):
+        read_write_subset(path, duplicates="once", repeats_column="w", seed=0)
+    path = _subset_file(tmp_path, [b, a, b, b], [3e9, 1.0, 1e9, 2e9])
+    with pytest.raises(InputError, match=rf"uid {b} would be written 6000000000 times"):
+        read_write_subset(path, duplicates="repeat", repeats_column="w", seed=0)
+    once = read_write_subset(path, duplicates="once", repeats_column="w", seed=0)
+    assert int(once.copies[once.find(b)]) == 3 * 10**9

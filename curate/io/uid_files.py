@@ -15,6 +15,7 @@ a no-op (set algebra) or upweighting (``curate write --duplicates repeat``).
 
 from __future__ import annotations
 
+import codecs
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -341,44 +342,70 @@ def read_uid_pairs(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
 
 def _text_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A text uid file as pairs, read a block at a time (only one block's lines are Python
-    strings); the same lines, header rule and errors as `_read_text`."""
+    strings); the same lines, header rule and errors as `_read_text`, which decodes the whole
+    file first: a bad line is reported once every byte has decoded."""
     his: list[np.ndarray] = []
     los: list[np.ndarray] = []
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0  # bytes read before the block
     number = 0  # lines before the block, as str.splitlines counts them
     header_seen = False
     carry = ""
+    bad: tuple[int, str] | None = None  # the first line that is not a uid
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, "rb") as handle:
             while True:
-                chunk = handle.read(_TEXT_BLOCK)
+                data = handle.read(_TEXT_BLOCK)
+                held = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+                try:
+                    chunk = decoder.decode(data, final=not data)
+                except UnicodeDecodeError as exc:
+                    raise InputError(_decode_error(path, exc, done - held)) from exc
+                done += len(data)
                 lines = (carry + chunk).splitlines(keepends=True)
                 # The last line may go on in the next block ("\r" may be half of "\r\n").
-                carry = lines.pop() if chunk and lines else ""
-                numbered = [
-                    (n, text)
-                    for n, text in enumerate((line.strip() for line in lines), number + 1)
-                    if text and not text.startswith("#")
-                ]
+                carry = lines.pop() if data and lines else ""
+                if bad is None:
+                    numbered = [
+                        (n, text)
+                        for n, text in enumerate((line.strip() for line in lines), number + 1)
+                        if text and not text.startswith("#")
+                    ]
+                    if numbered and not header_seen:
+                        header_seen = True
+                        if numbered[0][1].lower() == "uid":  # a one-column CSV's header
+                            numbered = numbered[1:]
+                    hi, lo, valid = uid_pairs(pa.array([t for _, t in numbered], pa.string()))
+                    if valid.all():
+                        his.append(hi)
+                        los.append(lo)
+                    else:
+                        bad = numbered[int(np.argmin(valid))]
                 number += len(lines)
-                if numbered and not header_seen:
-                    header_seen = True
-                    if numbered[0][1].lower() == "uid":  # a one-column CSV's header
-                        numbered = numbered[1:]
-                column = pa.array([text for _, text in numbered], type=pa.string())
-                hi, lo, valid = uid_pairs(column)
-                if not valid.all():
-                    at, value = numbered[int(np.argmin(valid))]
-                    raise InputError(f"{path}: line {at} is not a 32-hex-character uid: {value!r}")
-                his.append(hi)
-                los.append(lo)
-                if not chunk:
+                if not data:
                     break
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise InputError(f"{path}: not a readable UTF-8 text file ({exc})") from exc
-    return np.concatenate(his), np.concatenate(los)
+    if bad is not None:
+        raise InputError(f"{path}: line {bad[0]} is not a 32-hex-character uid: {bad[1]!r}")
+    return np.concatenate([np.zeros(0, np.uint64), *his]), np.concatenate(
+        [np.zeros(0, np.uint64), *los]
+    )
 
 
-_TEXT_BLOCK = 1 << 24  # characters of a text uid file read at a time (~500k uids)
+def _decode_error(path: Path, exc: UnicodeDecodeError, offset: int) -> str:
+    """`_read_text`'s message for a decoding error, its position counted from the file start
+    (`offset`: where the failed buffer starts)."""
+    start, end = offset + exc.start, offset + exc.end
+    if exc.end - exc.start == 1:
+        where = f"byte 0x{exc.object[exc.start]:02x} in position {start}"
+    else:
+        where = f"bytes in position {start}-{end - 1}"
+    detail = f"'{exc.encoding}' codec can't decode {where}: {exc.reason}"
+    return f"{path}: not a readable UTF-8 text file ({detail})"
+
+
+_TEXT_BLOCK = 1 << 24  # bytes of a text uid file read at a time (~500k uids)
 
 
 def _has_npy_header(path: Path) -> bool:

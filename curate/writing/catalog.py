@@ -47,7 +47,7 @@ class ShardSamples:
     failures: dict[int, str]  # failure code by row, for the samples that cannot be copied
     member_ends: np.ndarray  # [n + 1]: sample i's members are [member_ends[i], ...[i+1])
     ext_names: list[str]
-    exts: np.ndarray  # uint8/uint16 ids into ext_names
+    exts: np.ndarray  # uint8 (uint32 past 256 names) ids into ext_names
     offsets: np.ndarray  # data offsets, uint32 when the tar is under 4 GiB
     sizes: np.ndarray  # data sizes
     data_path: str | None = None  # a compressed shard's decompressed copy, read instead
@@ -84,20 +84,25 @@ class ShardSamples:
         parts = [f"[{quoted[e]}, {o}, {z}]" for e, o, z in triples]
         return ["[" + ", ".join(parts[a:b]) + "]" for a, b in pairwise(bounds)]
 
-    def tar_bytes(self) -> np.ndarray:
-        """Bytes each sample's members take in a tar under the sample's own key (int64)."""
-        lengths = np.diff(self.key_ends)
+    def tar_bytes(
+        self, rows: np.ndarray | None = None, key_lengths: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Bytes the members of `rows` (default: all) take in a tar under keys of
+        `key_lengths` UTF-8 bytes (default: their own keys), as int64."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if key_lengths is None:
+            key_lengths = np.diff(self.key_ends)[rows]
         ext_lengths = np.array(
             [len(e.encode("utf-8", "surrogateescape")) for e in self.ext_names], dtype=np.int64
         )
-        counts = np.diff(self.member_ends)
-        names = np.repeat(lengths, counts) + 1 + ext_lengths[self.exts]
-        padded = -(-self.sizes.astype(np.int64) // TAR_BLOCK) * TAR_BLOCK
+        ends, items = _gather(self.member_ends, rows)
+        ends = ends.astype(np.int64)
+        names = np.repeat(np.asarray(key_lengths, dtype=np.int64), np.diff(ends))
+        names += 1 + ext_lengths[self.exts[items]]
+        padded = -(-self.sizes[items].astype(np.int64) // TAR_BLOCK) * TAR_BLOCK
         long_names = np.where(names > _LONG_NAME, TAR_BLOCK + -(-(names + 1) // TAR_BLOCK) * 512, 0)
-        per_member = TAR_BLOCK + padded + long_names
-        totals = np.zeros(len(self), dtype=np.int64)
-        np.add.at(totals, np.repeat(np.arange(len(self)), counts), per_member)
-        return totals
+        running = np.concatenate([[0], np.cumsum(TAR_BLOCK + padded + long_names)])
+        return running[ends[1:]] - running[ends[:-1]]
 
     def taking(self, rows: np.ndarray) -> ShardSamples:
         """Only `rows` (ascending), all copyable."""
@@ -165,7 +170,7 @@ def shard_samples(index: ShardIndex, shard: int, subset: WriteSubset) -> ShardSa
         failures={i: failure_code(s.error) for i, s in enumerate(samples) if s.error is not None},
         member_ends=_ends(counts),
         ext_names=list(ext_ids),
-        exts=np.array(exts, dtype=np.uint8 if len(ext_ids) <= 256 else np.uint16),
+        exts=np.array(exts, dtype=np.uint8 if len(ext_ids) <= 256 else np.uint32),
         offsets=_smallest(np.array(offsets, dtype=np.int64), index.size),
         sizes=_smallest(np.array(sizes, dtype=np.int64), max(sizes, default=0) + 1),
         data_path=index.data_path,
@@ -248,21 +253,18 @@ class Catalog:
             [np.zeros(0, np.uint32)] + [self.subset.copies[s.positions] for s in self.shards]
         )
 
-    def tar_bytes(self) -> np.ndarray:
-        """Bytes each source's members take in a tar under its own key (int64)."""
-        return np.concatenate([np.zeros(0, np.int64)] + [s.tar_bytes() for s in self.shards])
-
-    def sources_of(self, positions: np.ndarray) -> np.ndarray:
-        """Source numbers whose uid is at one of the subset `positions` (ascending)."""
-        wanted = np.zeros(len(self.subset), dtype=bool)
-        wanted[positions] = True
-        return np.concatenate(
-            [np.zeros(0, np.int64)]
-            + [
-                np.flatnonzero(wanted[s.positions]) + int(start)
-                for s, start in zip(self.shards, self.starts.tolist(), strict=False)
-            ]
-        )
+    def tar_bytes(
+        self, sources: np.ndarray | None = None, key_lengths: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Bytes the members of `sources` (default: all) take in a tar under keys of
+        `key_lengths` UTF-8 bytes (default: their own keys), as int64."""
+        if sources is None:
+            return np.concatenate([np.zeros(0, np.int64)] + [s.tar_bytes() for s in self.shards])
+        totals = np.zeros(np.asarray(sources).size, dtype=np.int64)
+        for samples, rows, where in self._groups(sources):
+            lengths = None if key_lengths is None else np.asarray(key_lengths)[where]
+            totals[where] = samples.tar_bytes(rows, lengths)
+        return totals
 
 
 def match(shards: Sequence[ShardSamples | None], subset: WriteSubset) -> Matched:

@@ -3,7 +3,8 @@
 - ``scores.json`` (``--with-columns``): the chosen columns of the uid's first subset row, as a
   JSON object with sorted keys (non-finite floats as null);
 - ``rewrites.json`` (``--rewrites``): the uid's first row with rewrites in a curate rewrite
-  folder's tables (sorted by file name): the rewrites, model and prompt version.
+  folder's tables (sorted by file name): the rewrites, model and prompt version. Its uids
+  match in either case, as a subset file's do.
 
 The source rows stay in Arrow tables (columnar; only rows of subset uids are kept) and each
 subset uid holds the index of its row (-1 none). A member's bytes are made when a batch of uids
@@ -41,6 +42,7 @@ class _Source:
     member: str
     table: pa.Table  # the member's fields, one row per source row kept
     rows: np.ndarray  # int64 per subset position
+    finite: bool = False  # non-finite floats become null (JSON has no NaN)
 
     def payloads(self, positions: np.ndarray) -> list[bytes | None]:
         at = self.rows[positions]
@@ -48,7 +50,7 @@ class _Source:
         values = self.table.take(pa.array(at[present])).to_pylist()
         out: list[bytes | None] = [None] * int(positions.size)
         for i, row in zip(np.flatnonzero(present).tolist(), values, strict=True):
-            out[i] = _json(row)
+            out[i] = _json(row, self.finite)
         return out
 
 
@@ -89,7 +91,7 @@ def added_members(
     if columns:
         table = subset_table(path, list(columns))
         added.sources.append(
-            _Source(SCORES_MEMBER, table.select(list(columns)), _first_rows(subset, table))
+            _Source(SCORES_MEMBER, table.select(list(columns)), _first_rows(subset, table), True)
         )
     if rewrites is not None:
         table = _rewrite_rows(Path(rewrites), subset)
@@ -133,8 +135,10 @@ def _rewrite_rows(folder: Path, subset: WriteSubset) -> pa.Table:
     return pa.concat_tables(kept, promote_options="permissive")
 
 
-def _json(row: dict[str, object]) -> bytes:
-    clean = {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
-    }
-    return json.dumps(clean, sort_keys=True).encode()
+def _json(row: dict[str, object], finite: bool) -> bytes:
+    if finite:
+        row = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
+    return json.dumps(row, sort_keys=True).encode()

@@ -45,7 +45,7 @@ def _padded(size: int) -> int:
 
 def member_tar_bytes(name: str, size: int) -> int:
     """Bytes one member takes in a GNU-format tar (long-name member, header, padded data)."""
-    encoded = len(name.encode("utf-8", "surrogateescape"))
+    encoded = _utf8_length(name)
     long_name = TAR_BLOCK + _padded(encoded + 1) if encoded > _GNU_NAME_LIMIT else 0
     return long_name + TAR_BLOCK + _padded(size)
 
@@ -228,17 +228,7 @@ def cut_shards(
         raise ValueError(f"max_samples must be at least 1, not {max_samples}")
     src, copy = order
     total = len(catalog) if src is None else int(src.size)
-    base = catalog.tar_bytes() if max_bytes is not None else None
-
-    def grow(source: int, key: str, own_key: bool, added: Sequence[tuple[str, bytes]]) -> int:
-        size = int(base[source]) if own_key and base is not None else 0
-        if not own_key:
-            _, sample = catalog.sample(source)
-            size = sum(member_tar_bytes(f"{key}.{m.ext}", m.size) for m in sample.members)
-        for ext, data in added:
-            size += member_tar_bytes(f"{key}.{ext}", len(data))
-        return size
-
+    base = catalog.tar_bytes() if max_bytes is not None else np.zeros(0, np.int64)
     bounds = [0]
     renamed: dict[int, str] = {}
     most = 1
@@ -246,27 +236,21 @@ def cut_shards(
     while start < total:
         stop = min(total, start + max_samples)
         window = np.arange(start, stop) if src is None else src[start:stop]
-        sources = window.tolist()
         copies = [0] * (stop - start) if copy is None else copy[start:stop].tolist()
         columns = catalog.columns(window)
         keys = [_copy_key(k, c) for k, c in zip(columns.keys, copies, strict=True)]
         added = extras.batch(columns.uids) if extras and max_bytes is not None else [[]] * len(keys)
+        grow = _WindowSizes(catalog, window, base, added)
         if len(set(keys)) == len(keys):
             end = stop
             if max_bytes is not None:
-                sizes = np.array(
-                    [
-                        grow(s, k, c == 0, a)
-                        for s, k, c, a in zip(sources, keys, copies, added, strict=True)
-                    ],
-                    dtype=np.int64,
-                )
+                sizes = grow.all(keys, [c == 0 for c in copies])
                 fits = int((_archive_bytes(np.cumsum(sizes)) <= max_bytes).sum())
                 end = start + max(1, fits)
         else:
-            end = start + _place(keys, copies, sources, added, start, max_bytes, grow, renamed)
+            end = start + _place(keys, copies, start, max_bytes, grow, renamed)
         if copy is not None:
-            _, counts = np.unique(np.asarray(sources[: end - start]), return_counts=True)
+            _, counts = np.unique(window[: end - start], return_counts=True)
             most = max(most, int(counts.max()))
         bounds.append(end)
         start = end
@@ -289,28 +273,66 @@ def _archive_bytes(members_bytes: np.ndarray) -> np.ndarray:
     return -(-(members_bytes + TAR_END) // TAR_RECORD) * TAR_RECORD
 
 
+class _WindowSizes:
+    """Bytes the copies of one window take in a tar under a given key: their members (the
+    input key's size is known; another key's is computed from its length) and added members."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        window: np.ndarray,
+        base: np.ndarray,
+        added: list[list[tuple[str, bytes]]],
+    ) -> None:
+        self.catalog, self.window, self.base, self.added = catalog, window, base, added
+
+    def all(self, keys: list[str], own: list[bool]) -> np.ndarray:
+        """Every copy of the window under `keys` (`own`: the copy's input key), at once."""
+        sizes = self.base[self.window].astype(np.int64)
+        other = np.flatnonzero(~np.asarray(own, dtype=bool))
+        if other.size:
+            lengths = np.array([_utf8_length(keys[i]) for i in other.tolist()], dtype=np.int64)
+            sizes[other] = self.catalog.tar_bytes(self.window[other], lengths)
+        for i, members in enumerate(self.added):
+            sizes[i] += sum(member_tar_bytes(f"{keys[i]}.{ext}", len(d)) for ext, d in members)
+        return sizes
+
+    def __call__(self, i: int, key: str, own_key: bool) -> int:
+        """Copy `i` of the window under `key` (`own_key`: its input key)."""
+        if own_key:
+            size = int(self.base[self.window[i]])
+        else:
+            lengths = np.array([_utf8_length(key)], dtype=np.int64)
+            size = int(self.catalog.tar_bytes(self.window[i : i + 1], lengths)[0])
+        for ext, data in self.added[i]:
+            size += member_tar_bytes(f"{key}.{ext}", len(data))
+        return size
+
+
+def _utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
 def _place(
     keys: list[str],
     copies: list[int],
-    sources: list[int],
-    added: list[list[tuple[str, bytes]]],
     start: int,
     max_bytes: int | None,
-    grow: Callable[[int, str, bool, Sequence[tuple[str, bytes]]], int],
+    grow: Callable[[int, str, bool], int],
     renamed: dict[int, str],
 ) -> int:
     """One shard from a window whose keys repeat: a key already used in the shard gets
     ``_d{n}``; returns how many copies the shard takes."""
     used: set[str] = set()
     size = 0  # the shard's member bytes so far (counted only under a byte limit)
-    for i, (key, copy, source) in enumerate(zip(keys, copies, sources, strict=True)):
+    for i, (key, copy) in enumerate(zip(keys, copies, strict=True)):
         if key in used:
             n = 1
             while f"{key}_d{n}" in used:
                 n += 1
             key = f"{key}_d{n}"
         if max_bytes is not None:
-            more = grow(source, key, copy == 0 and key == keys[i], added[i])
+            more = grow(i, key, copy == 0 and key == keys[i])
             if i and archive_bytes(size + more) > max_bytes:
                 return i
             size += more

@@ -26,6 +26,7 @@ from curate.errors import InputError
 from curate.io.uid_files import read_uid_pairs, sorted_positions, uid_pairs
 
 Duplicates = Literal["error", "once", "repeat"]
+MAX_COPIES = 2**32 - 1  # copies of one uid (uint32)
 _HEX_ROWS = 1 << 16  # uids turned back into hex strings at once
 _HEX = re.compile(r"[0-9a-fA-F]{32}")
 
@@ -133,6 +134,13 @@ def read_write_subset(
             copies = np.bincount(distinct, weights=per_row[order], minlength=counts.size)
         del distinct, per_row
     del order
+    if copies.size and float(copies.max()) > MAX_COPIES:  # repeated rows' weights add up
+        example = int(np.argmax(copies))
+        uid = f"{int(hi[starts[example]]):016x}{int(lo[starts[example]]):016x}"
+        raise InputError(
+            f"subset {path}: uid {uid} would be written {int(copies[example])} times; a uid is "
+            f"written at most {MAX_COPIES} times"
+        )
     copies = np.asarray(copies).astype(np.uint32)
     if bool((copies == 1).all()):
         copies = np.broadcast_to(np.uint32(1), copies.shape)
@@ -160,6 +168,13 @@ def _weights(path: Path | str, column: str) -> np.ndarray:
         as_float = pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
         good = np.isfinite(as_float) & (as_float >= 0)  # nulls read as NaN
         if good.all():
+            huge = as_float > MAX_COPIES
+            if huge.any():
+                row = int(np.argmax(huge))
+                raise InputError(
+                    f"--repeats {column}: row {row} has {values[row].as_py()!r}; a uid is "
+                    f"written at most {MAX_COPIES} times"
+                )
             return as_float
         bad = int(np.argmin(good))
     raise InputError(
