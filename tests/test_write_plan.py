@@ -22,6 +22,7 @@ import pytest
 
 from curate.errors import InputError
 from curate.io.tar_index import IndexedSample, Member, ShardIndex
+from curate.writing import catalog as catalog_module
 from curate.writing.catalog import match, shard_samples
 from curate.writing.extras import added_members
 from curate.writing.plan import archive_bytes, cut_shards, member_tar_bytes, order_copies
@@ -145,7 +146,9 @@ def _oracle_match(world: World, wanted: set[str]) -> tuple[list, Counter, int, s
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_match_keeps_each_uids_first_copyable_sample(tmp_path: Path, seed: int) -> None:
+def test_match_keeps_each_uids_first_copyable_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
     world = _world(seed, tmp_path)
     subset = read_write_subset(
         _subset_file(tmp_path, world.subset_rows), duplicates="once", repeats_column=None, seed=0
@@ -159,10 +162,22 @@ def test_match_keeps_each_uids_first_copyable_sample(tmp_path: Path, seed: int) 
         got_shard, got = catalog.sample(source)
         assert (got_shard, got.key, got.uid) == (shard, sample.key, sample.uid)
         assert got.members == [Member(m.ext, m.offset, m.size) for m in sample.members]
-    columns = catalog.columns(np.arange(len(chosen))[::-1])  # any order
-    assert columns.keys == [s.key for _, s in chosen][::-1]
-    assert columns.uids == [s.uid for _, s in chosen][::-1]
-    assert columns.shard == [shard for shard, _ in chosen][::-1]
+    for few in (0, 10**9):  # read by shard in groups, and one by one
+        monkeypatch.setattr(catalog_module, "_FEW_ROWS", few)
+        backwards = np.arange(len(chosen))[::-1]  # any order
+        columns = catalog.columns(backwards, "json")
+        assert columns.keys == [s.key for _, s in chosen][::-1]
+        assert columns.uids == [s.uid for _, s in chosen][::-1]
+        assert columns.shard == [shard for shard, _ in chosen][::-1]
+        assert (
+            columns.members
+            == [json.dumps([[m.ext, m.offset, m.size] for m in s.members]) for _, s in chosen][::-1]
+        )
+        objects = catalog.columns(backwards, "objects").members
+        assert (
+            objects
+            == [[Member(m.ext, m.offset, m.size) for m in s.members] for _, s in chosen][::-1]
+        )
     assert matched.duplicate_samples == duplicates
     assert matched.failed_codes == dict(codes)
     assert {subset.uid(p) for p in np.flatnonzero(matched.found)} == found

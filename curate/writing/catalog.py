@@ -28,6 +28,7 @@ from curate.writing.plan import TAR_BLOCK, json_string
 from curate.writing.subset import WriteSubset
 
 MemberForm = Literal["objects", "json"]
+_FEW_ROWS = 16  # rows per input shard, on average, below which `Catalog.columns` reads singly
 _LONG_NAME = 100  # GNU tar: longer member names get a ././@LongLink member first
 
 
@@ -51,6 +52,7 @@ class ShardSamples:
     offsets: np.ndarray  # data offsets, uint32 when the tar is under 4 GiB
     sizes: np.ndarray  # data sizes
     data_path: str | None = None  # a compressed shard's decompressed copy, read instead
+    _quoted: list[str] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.positions.size)
@@ -64,6 +66,31 @@ class ShardSamples:
         if len(text) != len(data):  # some key is not ASCII: byte bounds are not char bounds
             return [data[a:b].decode("utf-8", "surrogateescape") for a, b in pairwise(bounds)]
         return [text[a:b] for a, b in pairwise(bounds)]
+
+    def key(self, row: int) -> str:
+        """The key of one row (`keys` for many)."""
+        start, stop = int(self.key_ends[row]), int(self.key_ends[row + 1])
+        return self.key_bytes[start:stop].tobytes().decode("utf-8", "surrogateescape")
+
+    def member_value(self, row: int, form: MemberForm) -> list[Member] | str:
+        """The members of one row, as `members_of` gives them for many."""
+        start, stop = int(self.member_ends[row]), int(self.member_ends[row + 1])
+        triples = zip(
+            self.exts[start:stop].tolist(),
+            self.offsets[start:stop].tolist(),
+            self.sizes[start:stop].tolist(),
+            strict=True,
+        )
+        if form == "objects":
+            return [Member(self.ext_names[e], o, z) for e, o, z in triples]
+        quoted = self.quoted_names()
+        return "[" + ", ".join(f"[{quoted[e]}, {o}, {z}]" for e, o, z in triples) + "]"
+
+    def quoted_names(self) -> list[str]:
+        """The extension names as JSON strings (made once)."""
+        if self._quoted is None:
+            self._quoted = [json_string(name) for name in self.ext_names]
+        return self._quoted
 
     def members_of(self, rows: np.ndarray, form: MemberForm) -> list[list[Member]] | list[str]:
         """The members of `rows` (any order): as `Member` lists, or each sample's JSON list
@@ -80,7 +107,7 @@ class ShardSamples:
             names = self.ext_names
             members = [Member(names[e], o, z) for e, o, z in triples]
             return [members[a:b] for a, b in pairwise(bounds)]
-        quoted = [json_string(name) for name in self.ext_names]
+        quoted = self.quoted_names()
         parts = [f"[{quoted[e]}, {o}, {z}]" for e, o, z in triples]
         return ["[" + ", ".join(parts[a:b]) + "]" for a, b in pairwise(bounds)]
 
@@ -232,10 +259,23 @@ class Catalog:
                 yield self.shards[shard], sources[piece] - self.starts[shard], piece.tolist()
 
     def columns(self, sources: np.ndarray, members: MemberForm | None = None) -> Columns:
-        """Input shard, key and uid of each of `sources`, and their members when asked."""
-        n = int(np.asarray(sources).size)
+        """Input shard, key and uid of each of `sources`, and their members when asked.
+        Sources spread over many shards (a shuffled order) are read one by one: a group of a
+        few rows costs more in array calls than it saves."""
+        sources = np.asarray(sources, dtype=np.int64)
+        n = int(sources.size)
         shard, keys, positions = [0] * n, [""] * n, np.zeros(n, dtype=np.int64)
         values: list[Any] = [None] * n if members else []
+        at = np.searchsorted(self.starts, sources, side="right") - 1
+        if n and np.unique(at).size * _FEW_ROWS > n:
+            rows = (sources - self.starts[at]).tolist()
+            for i, (s, row) in enumerate(zip(at.tolist(), rows, strict=True)):
+                samples = self.shards[s]
+                shard[i], keys[i] = samples.shard, samples.key(row)
+                positions[i] = samples.positions[row]
+                if members:
+                    values[i] = samples.member_value(row, members)
+            return Columns(shard, keys, self.subset.hexes(positions), values)
         for samples, rows, where in self._groups(sources):
             positions[where] = samples.positions[rows]
             for i, key in zip(where, samples.keys(rows), strict=True):
