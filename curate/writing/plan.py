@@ -24,14 +24,14 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from curate.io.tar_index import IndexedSample
 
 if TYPE_CHECKING:
-    from curate.writing.catalog import Catalog, Columns, MemberForm
+    from curate.writing.catalog import Catalog, MemberForm
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a finished archive to whole records
@@ -78,6 +78,9 @@ class Entry:
         return sum(
             member_tar_bytes(f"{self.key}.{m.ext}", m.size) for m in self.source.sample.members
         )
+
+
+Placed = tuple[int, str, str, Any, int, str]  # see WritePlan._placed
 
 
 class Extras(Protocol):
@@ -137,35 +140,23 @@ class WritePlan:
     def copies(self) -> int:
         return int(self.bounds[-1])
 
-    def shard_size(self, index: int) -> int:
-        return int(self.bounds[index + 1] - self.bounds[index])
-
-    def _placed(self, index: int, members: MemberForm) -> tuple[Columns, list[int], list[str]]:
-        """Shard `index`'s copies: their sources' columns, copy numbers and output keys."""
+    def _placed(self, index: int, members: MemberForm) -> list[Placed]:
+        """Shard `index`'s copies: (input shard, input key, uid, members, copy, output key)."""
         start, stop = int(self.bounds[index]), int(self.bounds[index + 1])
         sources = np.arange(start, stop) if self.src is None else self.src[start:stop]
         copies = [0] * (stop - start) if self.copy is None else self.copy[start:stop].tolist()
-        columns = self.catalog.columns(sources, members)
+        c = self.catalog.columns(sources, members)
         out_keys = [
             self.renamed.get(q) or _copy_key(key, copy)
-            for q, key, copy in zip(range(start, stop), columns.keys, copies, strict=True)
+            for q, key, copy in zip(range(start, stop), c.keys, copies, strict=True)
         ]
-        return columns, copies, out_keys
+        return list(zip(c.shard, c.keys, c.uids, c.members, copies, out_keys, strict=True))
 
     def entries(self, index: int) -> list[Entry]:
         """Output shard `index`'s entries, in order (built now: objects only for one shard)."""
-        columns, copies, out_keys = self._placed(index, "objects")
         return [
             Entry(Source(shard, IndexedSample(key, uid, members)), copy, out_key)
-            for shard, key, uid, members, copy, out_key in zip(
-                columns.shard,
-                columns.keys,
-                columns.uids,
-                columns.members,
-                copies,
-                out_keys,
-                strict=True,
-            )
+            for shard, key, uid, members, copy, out_key in self._placed(index, "objects")
         ]
 
     def fingerprint(
@@ -175,19 +166,10 @@ class WritePlan:
         [url, input key, uid, copy, output key, [[ext, offset, size], ...]], then the added
         members' bytes (`extras`, by uid); first `settings` (input signatures, member names)."""
         digest = hashlib.sha256(settings.encode())
-        columns, copies, out_keys = self._placed(index, "json")
-        url_json = {shard: json_string(urls[shard]) for shard in set(columns.shard)}
-        added = extras.batch(columns.uids) if extras else [[]] * len(copies)
-        for shard, key, uid, members, copy, out_key, more in zip(
-            columns.shard,
-            columns.keys,
-            columns.uids,
-            columns.members,
-            copies,
-            out_keys,
-            added,
-            strict=True,
-        ):
+        placed = self._placed(index, "json")
+        url_json = {p[0]: json_string(urls[p[0]]) for p in placed}
+        added = extras.batch([p[2] for p in placed]) if extras else [[]] * len(placed)
+        for (shard, key, uid, members, copy, out_key), more in zip(placed, added, strict=True):
             key_json = json_string(key)
             out_json = key_json if out_key == key else json_string(out_key)
             line = f'[{url_json[shard]}, {key_json}, "{uid}", {copy}, {out_json}, {members}]'
